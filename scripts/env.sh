@@ -1,12 +1,12 @@
 # Source this file: creates (once) and activates the project's virtual environment, installs mnpo.
-#   source scripts/env.sh            # core + dev extras
-#   MNPO_EXTRAS=dev,wandb source scripts/env.sh
+#   source scripts/env.sh            # core + dev + deepspeed extras (the tests run ZeRO-1/2/3 on CPU)
+#   MNPO_EXTRAS=dev,deepspeed,wandb source scripts/env.sh
 # MNPO_PYTHON picks the interpreter (default python3); MNPO_VENV the folder (default .venv).
 # On a machine without CUDA, torch is pinned to the CPU build first: an unpinned torch would pull
 # several GB of CUDA wheels.
 _mnpo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 _mnpo_venv="${MNPO_VENV:-$_mnpo_root/.venv}"
-_mnpo_extras="${MNPO_EXTRAS:-dev}"
+_mnpo_extras="${MNPO_EXTRAS:-dev,deepspeed}"
 if [ ! -x "$_mnpo_venv/bin/python" ]; then
   "${MNPO_PYTHON:-python3}" -m venv "$_mnpo_venv" || return 1 2>/dev/null || exit 1
 fi
@@ -23,6 +23,17 @@ if [ ! -f "$_mnpo_stamp" ] || ! python -c "import mnpo" 2>/dev/null; then
       python -m pip install -q "torch==${MNPO_TORCH_VERSION:-2.13.0}" >&2
     fi
   fi
+  case ",$_mnpo_extras," in
+    *,deepspeed,*)
+      if ! python -c "import deepspeed" 2>/dev/null; then
+        # DeepSpeed ships a source archive whose build imports torch: in pip's isolated build environment
+        # that would be a fresh, several-GB CUDA torch. Build it against the torch installed above; its
+        # ops compile on first use (DS_BUILD_OPS=0), on CPU only the small shared-memory comm op.
+        python -m pip install -q "setuptools>=68" wheel >&2
+        DS_BUILD_OPS=0 python -m pip install -q --no-build-isolation "deepspeed>=0.16,<0.20" >&2
+      fi
+      ;;
+  esac
   python -m pip install -q -e "$_mnpo_root[$_mnpo_extras]" >&2 && touch "$_mnpo_stamp"
 fi
 # One OpenMP thread per process: with the other core busy, OpenMP straggling made tiny steps 15x slower.

@@ -103,3 +103,14 @@ class MNPOConfig(TrainingArguments):
         # The collator needs the stored ids and log-prob columns, which the model's forward does not take.
         self.remove_unused_columns = False
         super().__post_init__()
+        ds = getattr(self, "hf_deepspeed_config", None)
+        if ds is not None and ds.is_zero3():
+            # The next iteration loads output_dir with from_pretrained: gather the ZeRO-3 shards into one
+            # model when saving (unset, the Trainer writes only a DeepSpeed checkpoint there).
+            zero = ds.config.setdefault("zero_optimization", {})
+            if zero.setdefault("stage3_gather_16bit_weights_on_model_save", True) is False:
+                warnings.warn(
+                    "stage3_gather_16bit_weights_on_model_save is false in the DeepSpeed config: output_dir will "
+                    "hold a DeepSpeed checkpoint, not a model the next stage can load (convert it with zero_to_fp32.py)",
+                    stacklevel=2,
+                )

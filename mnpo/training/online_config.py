@@ -154,15 +154,21 @@ class OnlineConfig(TrainingArguments):
             raise ValueError(f"mixture_coef must be in [0, 1], got {self.mixture_coef}")
         if self.prefix_chunk_num < 1:
             raise ValueError(f"prefix_chunk_num must be >= 1, got {self.prefix_chunk_num}")
-        if self.alg == "eg" and self.deepspeed:
-            # ZeRO keeps fp32 masters and Adam moments in flat partitions that ParameterSnapshot does not
-            # see, and steps inside backward: the restore would not be exact. Fail instead of drifting.
+        if self._zero_stage() == 3:
+            # Under ZeRO-3, from_pretrained partitions every model it loads (reference, judge) into
+            # placeholders that only a DeepSpeed engine can gather, and the extragradient snapshot cannot
+            # copy partitioned parameters exactly. ZeRO-0/1/2 keep full parameters on every rank.
             raise ValueError(
-                "alg=eg does not support DeepSpeed yet (the extragradient restore must be exact); "
-                "use DDP, optionally with use_peft, or another --alg"
+                "train-egpo supports DeepSpeed ZeRO-0/1/2, not ZeRO-3; use a ZeRO-2 config "
+                "(accelerate_configs/zero2.yaml), DDP, or use_peft for models that do not fit"
             )
         if self.alg == "eg" and self.gradient_accumulation_steps != 1:
             raise ValueError(
                 "alg=eg takes its half step inside one training step: set gradient_accumulation_steps=1 "
                 "(raise per_device_train_batch_size instead)"
             )
+
+    def _zero_stage(self) -> int | None:
+        """DeepSpeed ZeRO stage, from --deepspeed or an `accelerate launch` DeepSpeed config (None = no DeepSpeed)."""
+        plugin = getattr(self, "deepspeed_plugin", None)
+        return None if plugin is None else int(plugin.zero_stage)

@@ -31,7 +31,7 @@ from transformers import Trainer
 from mnpo.data.chat import encode_prompt
 from mnpo.errors import MnpoError
 from mnpo.generation.mixture import SamplerSettings, completion_mask, generate_completions
-from mnpo.training.extragradient import ParameterSnapshot
+from mnpo.training.extragradient import ParameterSnapshot, optimizer_chain
 from mnpo.training.logprobs import per_token_logps, reduce_logps
 from mnpo.training.losses import nash_md_pg_loss, online_ipo_loss, online_ipo_target
 
@@ -397,7 +397,7 @@ class OnlineNLHFTrainer(Trainer):
         self._log_metric("time/generate", time.perf_counter() - t0)
         if cfg.alg == "eg":
             # Back to theta_t (and its optimiser state) before the full-step loss is computed.
-            self._snapshot.restore(self._torch_optimizer())
+            self._snapshot.restore(self.optimizer)
             self._snapshot = None
         self._maybe_log_samples(batch)
         t1 = time.perf_counter()
@@ -433,7 +433,8 @@ class OnlineNLHFTrainer(Trainer):
             p.grad.div_(world)
 
     def _torch_optimizer(self):
-        return getattr(self.optimizer, "optimizer", self.optimizer)
+        # Under DeepSpeed ZeRO-1/2 this optimiser steps flat fp32 partitions, not the model's parameters.
+        return optimizer_chain(self.optimizer)[-1]
 
     def _trainable(self):
         return [p for p in self._unwrapped().parameters() if p.requires_grad]
@@ -445,14 +446,23 @@ class OnlineNLHFTrainer(Trainer):
         t1 = time.perf_counter()
         with self.compute_loss_context_manager():
             loss = self.compute_online_loss(model, batch)
-        self._snapshot = ParameterSnapshot.take(self._trainable(), self._torch_optimizer())
+        self._snapshot = ParameterSnapshot.take(self._trainable(), self.optimizer)
+        rewind = None
+        if self.is_deepspeed_enabled and not self.args.egpo_schedule_counts_both_steps:
+            # DeepSpeed steps the optimiser and the schedule inside backward: take the schedule's step back
+            # (its state and the learning rate it wrote into the optimiser).
+            rewind = (self.lr_scheduler.state_dict(), [g["lr"] for g in self._torch_optimizer().param_groups])
         self.accelerator.backward(loss)
         self._average_gradients()
         if self.args.max_grad_norm:
             self.accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
         self.optimizer.step()
         if self.args.egpo_schedule_counts_both_steps:
-            self.lr_scheduler.step()
+            self.lr_scheduler.step()  # a no-op under DeepSpeed, whose backward stepped it already
+        elif rewind is not None:
+            self.lr_scheduler.load_state_dict(rewind[0])
+            for group, lr in zip(self._torch_optimizer().param_groups, rewind[1]):
+                group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         self._weights_version += 1
         self._log_metric("loss_half_step", loss.detach())
