@@ -82,6 +82,18 @@ def _chunk_logps(head: Any, transform, hidden: torch.Tensor, labels: torch.Tenso
     return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+def _num_chunks(selected: torch.Tensor, chunk_size: int, head: Any) -> int:
+    chunks = -(-selected.shape[0] // chunk_size)
+    # Under ZeRO-3 every call of the LM head gathers its partitioned weight, a collective: ranks whose
+    # batches hold fewer completion tokens must still make as many calls (with empty chunks), or the
+    # others wait forever.
+    if getattr(head.weight, "ds_id", None) is not None and torch.distributed.is_initialized():
+        count = torch.tensor([chunks], device=selected.device)
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+        chunks = int(count.item())
+    return chunks
+
+
 def _chunked_logps(
     lm: Any, hidden: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor, chunk_size: int
 ) -> torch.Tensor:
@@ -92,8 +104,8 @@ def _chunked_logps(
     labels = input_ids[:, 1:][target_mask].to(head.weight.device)  # (N,)
     transform = _logit_transform(lm)
     pieces = []
-    for start in range(0, selected.shape[0], chunk_size):
-        h, y = selected[start : start + chunk_size], labels[start : start + chunk_size]
+    for k in range(_num_chunks(selected, chunk_size, head)):
+        h, y = selected[k * chunk_size : (k + 1) * chunk_size], labels[k * chunk_size : (k + 1) * chunk_size]
         if torch.is_grad_enabled() and h.requires_grad:
             pieces.append(checkpoint(_chunk_logps, head, transform, h, y, use_reentrant=False))
         else:

@@ -95,15 +95,20 @@ def _torch_dtype(name: str, device_type: str):
 
 
 def _zero3_config():
-    """The accelerate DeepSpeed plugin's config when launched with a ZeRO-3 file, else None."""
-    from accelerate.state import AcceleratorState, PartialState
+    """The DeepSpeed config when started by `accelerate launch` with a ZeRO-3 config file, else None.
 
-    if not PartialState().distributed_type.name == "DEEPSPEED":
+    Read from the launcher's environment (as accelerate's own DeepSpeedPlugin does): there is no
+    Accelerator here, so AcceleratorState would refuse to be built, and PartialState reports
+    MULTI_CPU instead of DEEPSPEED on a machine without a GPU.
+    """
+    import os
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
         return None
-    plugin = AcceleratorState().deepspeed_plugin
-    if plugin is None or plugin.zero_stage != 3:
-        return None
-    return plugin.deepspeed_config
+    from accelerate.utils import DeepSpeedPlugin
+
+    plugin = DeepSpeedPlugin()
+    return plugin.deepspeed_config if plugin.zero_stage == 3 else None
 
 
 def _load_model(path: str, config: PrecomputeConfig, device):
@@ -144,6 +149,7 @@ def _load_model(path: str, config: PrecomputeConfig, device):
             del section[key]
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.eval()
+    logger.info("%s: DeepSpeed ZeRO-3 inference engine, parameters sharded across ranks", path)
     # Call the engine itself: logprobs patches the inner model's forward and runs inside engine.forward.
     return engine, engine
 
