@@ -416,9 +416,21 @@ def _zero_config(path: Path, stage: int) -> Path:
     return path
 
 
+ZERO_CASES = {
+    # linear decay over 3 updates: the schedule step DeepSpeed took inside the half step is taken back
+    "schedule-counts-full-steps": (["--lr_scheduler_type", "linear", "--egpo_schedule_counts_both_steps", "false"],
+                                   [1e-2 * (3 - k // 2) / 3 for k in range(6)]),
+    # linear decay over 6 optimiser steps
+    "schedule-counts-both": (["--lr_scheduler_type", "linear", "--egpo_schedule_counts_both_steps", "true"],
+                             [1e-2 * (6 - k) / 6 for k in range(6)]),
+    # LoRA: ZeRO partitions only the adapters; the reference is the model with adapters disabled
+    "lora": (["--use_peft", "true", "--lora_r", "2"], [1e-2] * 6),
+}  # fmt: skip
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("counts_both", [False, True], ids=["schedule-counts-full-steps", "schedule-counts-both"])
-def test_egpo_under_zero2_two_ranks_restores_exactly(world, tmp_path, counts_both):
+@pytest.mark.parametrize("case", list(ZERO_CASES))
+def test_egpo_under_zero2_two_ranks_restores_exactly(world, tmp_path, case):
     """DeepSpeed ZeRO-2 on 2 gloo ranks: the full step starts from theta_t bit for bit (parameters, this
     rank's fp32 partitions and their Adam moments) although DeepSpeed steps inside backward; the LR
     schedule counts the half steps or not, as configured; the ranks end with identical weights."""
@@ -427,6 +439,7 @@ def test_egpo_under_zero2_two_ranks_restores_exactly(world, tmp_path, counts_bot
     import sys
 
     pytest.importorskip("deepspeed")
+    extra, expected_lrs = ZERO_CASES[case]
     script = tmp_path / "zero_eg.py"
     script.write_text(ZERO_EG_WORKER)
     out = tmp_path / "run"
@@ -436,9 +449,8 @@ def test_egpo_under_zero2_two_ranks_restores_exactly(world, tmp_path, counts_bot
            "--model_name_or_path", str(world / "policy"), "--dataset_name", str(world / "data" / "prompts"),
            "--judge_name_or_path", str(world / "preference_model"), "--output_dir", str(out),
            "--max_steps", "3", "--per_device_train_batch_size", "2", "--max_new_tokens", "6",
-           "--learning_rate", "1e-2", "--lr_scheduler_type", "linear", "--logging_steps", "1",
-           "--egpo_schedule_counts_both_steps", str(counts_both).lower()]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+           "--learning_rate", "1e-2", "--logging_steps", "1", *extra]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     for rank in (0, 1):
         r = json.loads((out / f"zero{rank}.json").read_text())
@@ -446,11 +458,7 @@ def test_egpo_under_zero2_two_ranks_restores_exactly(world, tmp_path, counts_bot
         assert r["rank_maxdiff"] == 0.0
         assert all(r["moved"]) and len(r["moved"]) == 2
         assert r["restored"] == [True, True, True]
-        lrs = r["lrs"]  # at the half, full, half, full, half, full step's loss
-        if counts_both:  # linear decay over 6 optimiser steps
-            assert lrs == pytest.approx([1e-2 * (6 - k) / 6 for k in range(6)])
-        else:  # linear decay over 3 updates: the schedule step DeepSpeed took in the half step is taken back
-            assert lrs == pytest.approx([1e-2 * (3 - k // 2) / 3 for k in range(6)])
+        assert r["lrs"] == pytest.approx(expected_lrs)  # at the half, full, half, full, half, full step's loss
 
 
 def test_train_egpo_refuses_zero3():
