@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--model", default="toy/preference_model")
     parser.add_argument("--requests", type=int, default=96, help="one pair per request")
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--device", default=None, help="judge device (default: cuda if available, else cpu)")
     parser.add_argument("--results", default=str(Path(__file__).with_name("results_egpo.md")))
     args = parser.parse_args()
     # Heavy imports here, not at module level: spawned client processes re-import this module.
@@ -71,7 +72,8 @@ def main() -> None:
     from mnpo.judges import load_judge
     from mnpo.judges.server import JudgeServer
 
-    judge = load_judge("pairwise", args.model, device="cpu", batch_size=64)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    judge = load_judge("pairwise", args.model, device=device, batch_size=64)
     items = workload(args.requests)
     judge.judge([items[0][0]], [items[0][1]])  # warm-up
     # Unbatched baseline: one pair per model call (max_batch_size 1), one client after another.
@@ -96,7 +98,8 @@ def main() -> None:
             f"### Judge server throughput ({datetime.date.today()})",
             "",
             f"`OMP_NUM_THREADS=1 python benchmarks/judge_server.py --model {args.model} --requests {args.requests} "
-            f"--clients {args.clients}`; machine: {platform.machine()} CPU, {torch.get_num_threads()} torch thread(s); "
+            f"--clients {args.clients}`; machine: {platform.machine()} CPU, {torch.get_num_threads()} torch thread(s), "
+            f"judge on {device}{' (' + torch.cuda.get_device_name() + ')' if device.startswith('cuda') else ''}; "
             "toy pairwise preference model, one pair per request, both orders scored; clients are separate processes.",
             "",
             "| mode | pairs / s | model calls |",

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from zero_helpers import ZERO_EG_WORKER, zero_config
 
 from mnpo.config import parse_config
 from mnpo.training.online_config import ALGORITHMS, OnlineConfig
@@ -353,69 +354,6 @@ def test_two_gloo_ranks_stay_in_sync(world, tmp_path):
     assert diffs == [0.0, 0.0]
 
 
-ZERO_EG_WORKER = """
-import json, sys, torch, torch.distributed as dist
-from mnpo.config import parse_config
-from mnpo.training.extragradient import optimizer_chain
-from mnpo.training.online_config import OnlineConfig
-from mnpo.training.online_trainer import build_trainer
-
-cfg = parse_config(OnlineConfig, sys.argv[1:])
-trainer = build_trainer(cfg)
-seen = []  # at every loss computation: model params + ZeRO's fp32 partitions, their Adam state, lr
-original = trainer.compute_online_loss
-
-def recording(model, batch):
-    base = optimizer_chain(trainer.optimizer)[-1]
-    masters = [p for g in base.param_groups for p in g["params"]]
-    seen.append((
-        [t.detach().clone() for t in trainer._trainable() + masters],
-        [{k: v.clone() if torch.is_tensor(v) else v for k, v in base.state.get(p, {}).items()} for p in masters],
-        base.param_groups[0]["lr"],
-    ))
-    return original(model, batch)
-
-trainer.compute_online_loss = recording
-trainer.train()
-
-def same(a, b):
-    ok = len(a[0]) == len(b[0]) and all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
-    for x, y in zip(a[1], b[1]):
-        ok = ok and x.keys() == y.keys()
-        ok = ok and all(torch.equal(x[k], y[k]) if torch.is_tensor(x[k]) else x[k] == y[k] for k in x)
-    return bool(ok)
-
-flat = torch.cat([p.detach().flatten() for p in trainer._trainable()])
-gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
-dist.all_gather(gathered, flat)
-result = {
-    "optimizer": type(optimizer_chain(trainer.optimizer)[1]).__name__,
-    "processes": trainer.accelerator.num_processes,
-    "restored": [same(seen[i], seen[i + 1]) for i in range(0, len(seen), 2)],
-    "moved": [not same(seen[i], seen[i + 1]) for i in range(1, len(seen) - 1, 2)],
-    "lrs": [s[2] for s in seen],
-    "rank_maxdiff": (gathered[0] - gathered[1]).abs().max().item(),
-}
-with open(f"{cfg.output_dir}/zero{dist.get_rank()}.json", "w") as f:
-    json.dump(result, f)
-dist.destroy_process_group()
-"""
-
-
-def _zero_config(path: Path, stage: int) -> Path:
-    path.write_text(
-        json.dumps(
-            {
-                "train_micro_batch_size_per_gpu": "auto",
-                "gradient_accumulation_steps": "auto",
-                "gradient_clipping": "auto",
-                "zero_optimization": {"stage": stage},
-            }
-        )
-    )
-    return path
-
-
 ZERO_CASES = {
     # linear decay over 3 updates: the schedule step DeepSpeed took inside the half step is taken back
     "schedule-counts-full-steps": (["--lr_scheduler_type", "linear", "--egpo_schedule_counts_both_steps", "false"],
@@ -445,7 +383,7 @@ def test_egpo_under_zero2_two_ranks_restores_exactly(world, tmp_path, case):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
            "--config", str(CONFIGS / "toy_eg.yaml"), "--use_cpu", "true",
-           "--deepspeed", str(_zero_config(tmp_path / "zero2.json", 2)),
+           "--deepspeed", str(zero_config(tmp_path / "zero2.json", 2)),
            "--model_name_or_path", str(world / "policy"), "--dataset_name", str(world / "data" / "prompts"),
            "--judge_name_or_path", str(world / "preference_model"), "--output_dir", str(out),
            "--max_steps", "3", "--per_device_train_batch_size", "2", "--max_new_tokens", "6",
@@ -466,11 +404,11 @@ def test_train_egpo_refuses_zero3():
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        ds = _zero_config(Path(tmp) / "zero3.json", 3)
+        ds = zero_config(Path(tmp) / "zero3.json", 3)
         argv = ["--model_name_or_path", "m", "--dataset_name", "d", "--judge_name_or_path", "j",
                 "--output_dir", tmp, "--deepspeed", str(ds)]  # fmt: skip
         from mnpo.config import ConfigError
 
         with pytest.raises(ConfigError, match="ZeRO-0/1/2, not ZeRO-3"):
             parse_config(OnlineConfig, [*argv, "--alg", "oipo1"])
-        assert parse_config(OnlineConfig, [*argv, "--alg", "eg", "--deepspeed", str(_zero_config(ds, 2))]).alg == "eg"
+        assert parse_config(OnlineConfig, [*argv, "--alg", "eg", "--deepspeed", str(zero_config(ds, 2))]).alg == "eg"
