@@ -412,3 +412,28 @@ def test_train_egpo_refuses_zero3():
         with pytest.raises(ConfigError, match="ZeRO-0/1/2, not ZeRO-3"):
             parse_config(OnlineConfig, [*argv, "--alg", "oipo1"])
         assert parse_config(OnlineConfig, [*argv, "--alg", "eg", "--deepspeed", str(zero_config(ds, 2))]).alg == "eg"
+
+
+@pytest.mark.slow
+def test_nash_md_trains_under_zero2_from_the_cli(world, tmp_path):
+    """The other algorithms take the Trainer's ordinary DeepSpeed path; Nash-MD adds the reference model
+    running beside the ZeRO-wrapped policy in the geometric-mixture sampler."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "mnpo.cli", "train-egpo", "--config", str(CONFIGS / "toy_nmd.yaml"), "--use_cpu", "true",
+           "--deepspeed", str(zero_config(tmp_path / "zero2.json", 2)),
+           "--model_name_or_path", str(world / "policy"), "--dataset_name", str(world / "data" / "prompts"),
+           "--judge_name_or_path", str(world / "preference_model"), "--output_dir", str(out),
+           "--max_steps", "2", "--per_device_train_batch_size", "2", "--max_new_tokens", "6", "--logging_steps", "1"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    losses = [
+        row["loss"] for row in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in row
+    ]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    assert (out / "model.safetensors").is_file()
