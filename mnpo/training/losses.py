@@ -71,8 +71,13 @@ def mnpo_loss(
     if max_history_t is not None:
         num_history = min(num_history, max_history_t)
 
+    # Every input goes to the compute dtype *before* any subtraction: bf16 log-probs of a few hundred
+    # differ by less than bf16's spacing there, so a margin taken in bf16 is visibly wrong.
+    device = policy_chosen_logps.device
+    ref_chosen = ref_chosen_logps.to(device, dtype)
+    ref_rejected = ref_rejected_logps.to(device, dtype)
     policy_margin = policy_chosen_logps - policy_rejected_logps
-    ref_margin = (ref_chosen_logps - ref_rejected_logps).to(policy_margin.device, dtype)
+    ref_margin = ref_chosen - ref_rejected
     if num_history == 0:
         if not _warned_no_history:
             warnings.warn(
@@ -83,13 +88,13 @@ def mnpo_loss(
         opponent_margin = ref_margin
     else:
         lam = normalize_history_weights(history_weights, num_history).to(policy_margin.device, dtype)
-        history_margin = history_chosen_logps[:, :num_history] - history_rejected_logps[:, :num_history]
-        opponent_margin = ratio * ref_margin + (1.0 - ratio) * (history_margin.to(policy_margin.device, dtype) @ lam)
+        history_margin = history_chosen_logps[:, :num_history].to(device, dtype) - history_rejected_logps[
+            :, :num_history
+        ].to(device, dtype)
+        opponent_margin = ratio * ref_margin + (1.0 - ratio) * (history_margin @ lam)
     z = policy_margin - opponent_margin
     losses = (z - 1.0 / (2.0 * eta)) ** 2
 
-    ref_chosen = ref_chosen_logps.to(policy_margin.device, dtype)
-    ref_rejected = ref_rejected_logps.to(policy_margin.device, dtype)
     with torch.no_grad():
         rewards_chosen = beta * (policy_chosen_logps - ref_chosen)
         rewards_rejected = beta * (policy_rejected_logps - ref_rejected)

@@ -133,3 +133,21 @@ def test_half_precision_inputs_are_computed_in_float32():
     pc = torch.tensor([-1.0], dtype=torch.bfloat16)
     losses, _ = _call(pc, pc, pc, pc, torch.zeros(1, 0), torch.zeros(1, 0))
     assert losses.dtype == torch.float32
+
+
+def test_bf16_inputs_give_the_float32_result_of_the_same_values():
+    # Every value is exact in bf16, but the margins are not: -256 - (-1.0078125) = -254.9921875 rounds to
+    # -255 in bf16. Subtracting before upcasting moved z by 0.0078 and the loss (z - 1/(2 eta))^2 with it.
+    pc = torch.tensor([-3.0, -40.0], dtype=torch.bfloat16)
+    pr = torch.tensor([-300.0, -2.0], dtype=torch.bfloat16)
+    rc = torch.tensor([-256.0, -1.0078125], dtype=torch.bfloat16)
+    rr = torch.tensor([-1.0078125, -256.0], dtype=torch.bfloat16)
+    hc = torch.tensor([[-512.0], [-3.015625]], dtype=torch.bfloat16)
+    hr = torch.tensor([[-3.015625], [-512.0]], dtype=torch.bfloat16)
+    as_fp32 = [t.float() for t in (pc, pr, rc, rr, hc, hr)]
+    for kw in ({}, {"max_history_t": 0}):
+        losses, metrics = _call(pc, pr, rc, rr, hc, hr, **kw)
+        expected, expected_metrics = _call(*as_fp32, **kw)
+        assert losses.dtype == torch.float32
+        assert torch.equal(losses, expected)
+        assert torch.equal(metrics["z"], expected_metrics["z"])
