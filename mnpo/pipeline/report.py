@@ -170,16 +170,20 @@ def write_report(run_dir: Path, config: Any, t: int, out: Path) -> Path:
                         f"- reward: mean chosen {sum(ch) / len(ch):.3f}, mean rejected {sum(rj) / len(rj):.3f}, "
                         f"mean of all {sum(all_s) / len(all_s):.3f}"
                     )
-        curve = training_curve(
-            run_dir / "logs" / f"iter{k}-train.log", run_dir / f"iter{k}" / "model" / "trainer_state.json"
-        )
-        if curve:
-            xs = [p.get("epoch", i) + (k - 1) for i, p in enumerate(curve)]
-            axes[1].plot(xs, [p["loss"] for p in curve], marker=".", label=f"iter {k}")
-            lines.append(
-                f"- training loss: first {curve[0]['loss']:.4g}, last {curve[-1]['loss']:.4g} "
-                f"({len(curve)} logged steps)"
-            )
+        # One policy per iteration, or one per player in HT-MNPO: iter{k}/player{p}/model, whose stage
+        # log is logs/iter{k}-player{p}-train.log (the stage name with '/' -> '-').
+        trained = [(it_dir, f"iter{k}", "")] + [
+            (d, f"iter{k}-{d.name}", f" {d.name}") for d in sorted(it_dir.glob("player*")) if d.is_dir()
+        ]
+        for folder, stage, who in trained:
+            curve = training_curve(run_dir / "logs" / f"{stage}-train.log", folder / "model" / "trainer_state.json")
+            if curve:
+                xs = [p.get("epoch", i) + (k - 1) for i, p in enumerate(curve)]
+                axes[1].plot(xs, [p["loss"] for p in curve], marker=".", label=f"iter {k}{who}")
+                lines.append(
+                    f"- training loss{who}: first {curve[0]['loss']:.4g}, last {curve[-1]['loss']:.4g} "
+                    f"({len(curve)} logged steps)"
+                )
         samples = it_dir / "eval" / "responses"
         if (samples / f"iter{k}.jsonl").is_file() and (samples / "baseline.jsonl").is_file():
             mine, base = read_jsonl(samples / f"iter{k}.jsonl")[:2], read_jsonl(samples / "baseline.jsonl")[:2]
