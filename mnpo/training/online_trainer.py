@@ -60,6 +60,17 @@ def prefix_ends(length: int, num_chunks: int) -> list[int]:
     return [min(length, half + k * step) for k in range(1, num_chunks + 1)]
 
 
+def prefix_masks(mask: torch.Tensor, num_chunks: int) -> list[torch.Tensor]:
+    """Completion masks of the K prefixes of algorithms.md 2.4, one (B, C) mask per k = 1..K.
+
+    Each row's ends come from its own length L (its completion tokens, mask 1), not from the padded
+    width C of the batch: a short generation's prefixes must end inside it, not in its padding.
+    """
+    ends = torch.tensor([prefix_ends(int(n), num_chunks) for n in mask.sum(-1).tolist()], device=mask.device)
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    return [mask * (positions[None, :] < ends[:, k, None]).to(mask.dtype) for k in range(num_chunks)]
+
+
 def build_sequences(
     prompt_ids: list[list[int]], completion_ids: torch.Tensor, mask: torch.Tensor, pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -343,15 +354,15 @@ class OnlineNLHFTrainer(Trainer):
         else:
             reduction = "mean" if cfg.normalize_logprobs else "sum"
             chunk_losses = []
-            width = masks[0].shape[1]
-            for end in prefix_ends(width, cfg.prefix_chunk_num):
-                cm = [m[:, :end] for m in masks]
-                ell = [reduce_logps(p[:, :end], m, reduction) for p, m in zip(policy, cm)]
-                ell_ref = [reduce_logps(r[:, :end], m, reduction) for r, m in zip(reference, cm)]
-                if end == width:
+            chunks = [prefix_masks(m, cfg.prefix_chunk_num) for m in masks]  # per completion, K masks each
+            for k in range(cfg.prefix_chunk_num):
+                cm = [c[k] for c in chunks]
+                ell = [reduce_logps(p, m, reduction) for p, m in zip(policy, cm)]
+                ell_ref = [reduce_logps(r, m, reduction) for r, m in zip(reference, cm)]
+                if all(torch.equal(c, m) for c, m in zip(cm, masks)):
                     texts = batch.texts
                 else:
-                    texts = [self._decode(c[:, :end], m.cpu()) for c, m in zip(batch.completions, cm)]
+                    texts = [self._decode(c, m.cpu()) for c, m in zip(batch.completions, cm)]
                 tj = time.perf_counter()
                 if len(texts) == 3:
                     p_y = self._judge(batch.prompts, texts[0], texts[2])

@@ -1,0 +1,72 @@
+"""prefix_chunk_num (algorithms.md 2.4): each generation's prefixes end inside its own tokens.
+
+Ends are floor(L/2) + k * ceil((L - floor(L/2)) / K), k = 1..K, clamped to L, with L the generation's
+own length (non-pad tokens), not the padded width of the batch.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from types import SimpleNamespace
+
+import torch
+
+from mnpo.training.online_trainer import OnlineNLHFTrainer, Rollout, prefix_masks
+
+PAD, EOS = 0, 99
+
+
+def _mask(lengths: list[int], width: int) -> torch.Tensor:
+    return (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+
+
+def test_prefix_masks_end_at_each_rows_own_length():
+    mask = _mask([10, 7, 3, 0], width=12)
+    ends = [m.sum(-1).tolist() for m in prefix_masks(mask, 2)]
+    # L=10: 5 + k*3 -> 8, 10 | L=7: 3 + k*2 -> 5, 7 | L=3: 1 + k*1 -> 2, 3 | L=0: 0, 0
+    assert ends == [[8, 5, 2, 0], [10, 7, 3, 0]]
+    ends = [m.sum(-1).tolist() for m in prefix_masks(mask, 3)]
+    # L=10: 5 + k*2 -> 7, 9, 11->10 | L=7: 3 + k*2 -> 5, 7, 9->7 | L=3: 1 + k*1 -> 2, 3, 4->3
+    assert ends == [[7, 5, 2, 0], [9, 7, 3, 0], [10, 7, 3, 0]]
+    for m in prefix_masks(mask, 3):  # prefixes: a run of ones from position 0, inside the row's tokens
+        assert torch.equal(m, _mask(m.sum(-1).tolist(), 12))
+    assert torch.equal(prefix_masks(mask, 1)[0], mask)
+
+
+class _Tokenizer:
+    eos_token_id = EOS
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(i) for i in ids if not (skip_special_tokens and i == EOS))
+
+
+def test_online_loss_judges_and_scores_each_generations_own_prefixes():
+    # y has 16 tokens, y' has 8, both padded to width 16. With K = 2, y's prefixes end at 12, 16 and
+    # y''s at 6, 8 (the padded width would have cut y' at 12, i.e. not at all).
+    y = torch.tensor([list(range(11, 26)) + [EOS]])
+    y_other = torch.tensor([list(range(31, 38)) + [EOS] + [PAD] * 8])
+    masks = [_mask([16], 16), _mask([8], 16)]
+    judged = []
+    trainer = OnlineNLHFTrainer.__new__(OnlineNLHFTrainer)
+    trainer.args = SimpleNamespace(alg="oipo2", normalize_logprobs=True, prefix_chunk_num=2, beta=0.1)
+    trainer.tokenizer = _Tokenizer()
+    trainer._metrics = defaultdict(list)
+    # Per-token log-probs: y scores -1 everywhere; position t of y' scores -(t + 1), so the mean over
+    # its first n tokens is -(n + 1) / 2.
+    policy = [torch.full((1, 16), -1.0), -torch.arange(1.0, 17.0)[None, :]]
+    reference = [torch.zeros(1, 16), torch.zeros(1, 16)]
+    trainer._logps = lambda model, prompt_ids, completions, masks: (policy, reference)
+
+    def judge(prompts, first, second):
+        judged.append((first[0], second[0]))
+        return torch.tensor([0.5])
+
+    trainer._judge = judge
+    texts = [trainer._decode(y, masks[0]), trainer._decode(y_other, masks[1])]
+    batch = Rollout(["p"], [[1, 2]], [y, y_other], masks, texts)
+    loss = trainer.compute_online_loss(None, batch)
+    words = [" ".join(map(str, range(11, 23))), " ".join(map(str, range(11, 26)))]
+    assert judged == [(words[0], "31 32 33 34 35 36"), (words[1], "31 32 33 34 35 36 37")]
+    # Target P - 1/2 = 0, reference 0: loss per chunk = (ell(y) - ell(y'))^2 = (-1 + (n + 1) / 2)^2 with
+    # n = 6, then 8 tokens of y'.
+    assert torch.allclose(loss, torch.tensor(((-1 + 3.5) ** 2 + (-1 + 4.5) ** 2) / 2))
