@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -102,7 +103,9 @@ class OnlineConfig(TrainingArguments):
     egpo_double_epochs: bool = field(
         default=False,
         metadata={
-            "help": "EGPO: double num_train_epochs, as the reference did, so EGPO sees as many optimiser steps as the baselines"
+            "help": "deprecated, no effect (a warning): one training step already takes both EGPO steps, so EGPO "
+            "makes as many updates as a baseline at the same num_train_epochs/max_steps (what the reference's "
+            "doubling was for)"
         },
     )
     generation_backend: str = field(
@@ -154,6 +157,14 @@ class OnlineConfig(TrainingArguments):
             raise ValueError(f"mixture_coef must be in [0, 1], got {self.mixture_coef}")
         if self.prefix_chunk_num < 1:
             raise ValueError(f"prefix_chunk_num must be >= 1, got {self.prefix_chunk_num}")
+        if self.egpo_double_epochs:
+            # Kept so old configs still parse. Nothing is changed, so a saved config reruns the same run.
+            warnings.warn(
+                "egpo_double_epochs is deprecated and has no effect: each training step already takes EGPO's half "
+                "and full step, so EGPO makes as many updates as a baseline; set num_train_epochs/max_steps instead",
+                FutureWarning,
+                stacklevel=2,
+            )
         if self._zero_stage() == 3:
             # Under ZeRO-3, from_pretrained partitions every model it loads (reference, judge) into
             # placeholders that only a DeepSpeed engine can gather, and the extragradient snapshot cannot

@@ -8,9 +8,10 @@ parameters and optimiser state, step, sample from pi_{t+1/2}, restore) and leave
 the loop; so gradient_accumulation_steps must be 1 for it.
 
 LR-schedule convention for EGPO: both steps advance the scheduler (`egpo_schedule_counts_both_steps`),
-and the scheduler is built for 2 x max_steps steps so it ends where the run ends. The reference
-doubled the epochs instead so that EGPO makes as many optimiser steps as the baselines: that is
-`egpo_double_epochs`. Both choices are logged at start.
+and the scheduler is built for 2 x max_steps steps so it ends where the run ends; logged at start.
+One training step is one whole EGPO update (two optimiser steps), so EGPO makes as many updates as a
+baseline at the same num_train_epochs: the reference doubled its epochs to get there, which here
+would double the updates (`egpo_double_epochs` is a deprecated no-op).
 """
 
 from __future__ import annotations
@@ -598,9 +599,6 @@ def train_egpo(cfg) -> OnlineNLHFTrainer:
 
     from mnpo.config import save_config
 
-    if cfg.alg == "eg" and cfg.egpo_double_epochs:
-        cfg.num_train_epochs = 2 * cfg.num_train_epochs
-        logger.info("egpo_double_epochs: num_train_epochs doubled to %s", cfg.num_train_epochs)
     if cfg.alg == "eg":
         logger.info(
             "EGPO: 2 optimiser steps per update; LR schedule counts both steps: %s", cfg.egpo_schedule_counts_both_steps
