@@ -191,3 +191,56 @@ def save_config(config: Any, output_dir: str | os.PathLike, filename: str = "con
     with atomic_write(path) as f:
         yaml.safe_dump(config_to_dict(config), f, sort_keys=False)
     return path
+
+
+# ----- validation shared by the config dataclasses (called from their __post_init__) ---------------
+def check_at_least(config: Any, minimum: int, *names: str, unset: str = "") -> None:
+    """Each named field must be >= minimum when set; `unset` says what leaving it unset means."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value < minimum:
+            hint = f" ({unset})" if unset else ""
+            raise ValueError(f"--{name} must be >= {minimum}{hint}, got {value}")
+
+
+def check_training_length(args: Any) -> None:
+    """A training run must take at least one step: 0 steps would save the untrained model as the result.
+
+    transformers' convention: max_steps -1 = unset (train for num_train_epochs); any other value wins.
+    """
+    if args.max_steps == 0 or args.max_steps < -1:
+        raise ValueError(
+            f"--max_steps must be >= 1, or -1 to train for --num_train_epochs, got {args.max_steps} "
+            "(0 steps would save the untrained model as the result)"
+        )
+    if args.max_steps == -1 and not args.num_train_epochs > 0:
+        raise ValueError(
+            f"--num_train_epochs must be > 0, got {args.num_train_epochs} (0 epochs would save the untrained "
+            "model as the result); set --num_train_epochs (e.g. 1) or --max_steps"
+        )
+
+
+_NOT_A_POLICY = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")
+
+
+def check_causal_lm(path: str | None, option: str) -> None:
+    """Refuse a local reward / preference model (a sequence classifier) where a policy is expected.
+
+    AutoModelForCausalLM loads such a checkpoint without complaint (its backbone, and the LM head
+    tied to the embeddings), so its log-probs and samples would be silently meaningless.
+    """
+    if not path:
+        return
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return  # a Hub id or an adapter folder: checked when loaded, if at all
+    try:
+        architectures = json.loads(config_file.read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return  # not ours to judge here; from_pretrained reports a broken config
+    if architectures and all(a.endswith(_NOT_A_POLICY) for a in architectures):
+        raise ValueError(
+            f"--{option} {path} is a {architectures[0]} (a reward or preference model), not a causal language "
+            "model; pass a policy checkpoint (e.g. the SFT model)"
+        )
+

@@ -109,6 +109,10 @@ class AnnotateConfig:
             raise ValueError(f"min_margin must be >= 0, got {self.min_margin}")
         if self.shard_size < 1 or self.batch_size < 1:
             raise ValueError(f"shard_size ({self.shard_size}) and batch_size ({self.batch_size}) must be >= 1")
+        from mnpo.config import check_at_least
+
+        check_at_least(self, 1, "limit", unset="leave it unset to annotate every record")
+        check_at_least(self, 1, "max_length", unset="leave it unset for each model's own context")
 
 
 def _default_name(path: str) -> str:

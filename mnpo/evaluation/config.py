@@ -88,3 +88,10 @@ class EvaluateConfig:
             raise ValueError(f"--confidence must be in (0, 1), got {self.confidence}")
         if self.bootstrap_samples < 1:
             raise ValueError(f"--bootstrap_samples must be >= 1, got {self.bootstrap_samples}")
+        from mnpo.config import check_at_least, check_causal_lm
+
+        check_at_least(self, 0, "num_prompts", unset="0 evaluates every prompt")
+        check_at_least(self, 1, "max_new_tokens", "max_prompt_length", "batch_size", "judge_batch_size")
+        for path in self.models:
+            check_causal_lm(path, "models")
+        check_causal_lm(self.baseline, "baseline")

@@ -88,6 +88,13 @@ class DecodeConfig:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.shard_size < 1 or self.batch_size < 1:
             raise ValueError(f"shard_size ({self.shard_size}) and batch_size ({self.batch_size}) must be >= 1")
+        from mnpo.config import check_at_least, check_causal_lm
+
+        check_at_least(self, 1, "limit", unset="leave it unset to decode every prompt")
+        check_at_least(self, 1, "max_prompt_length", unset="leave it unset to keep whole prompts")
+        check_at_least(self, 1, "max_model_len", unset="leave it unset for the model's context")
+        check_at_least(self, 1, "tensor_parallel_size")
+        check_causal_lm(self.model_name_or_path, "model_name_or_path")
 
 
 def _check_text(value: Any, where: str) -> None:

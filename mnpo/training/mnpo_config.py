@@ -92,10 +92,15 @@ class MNPOConfig(TrainingArguments):
             raise ValueError(f"history_weights must be >= 0, got {self.history_weights}")
         if self.max_history_t is not None and self.max_history_t < 0:
             raise ValueError(f"max_history_t must be >= 0, got {self.max_history_t}")
+        from mnpo.config import check_at_least, check_causal_lm, check_training_length
+
+        check_at_least(self, 1, "max_prompt_length", "logprob_chunk_size")
         if self.max_prompt_length >= self.max_length:
             raise ValueError(
                 f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length ({self.max_length})"
             )
+        check_training_length(self)
+        check_causal_lm(self.model_name_or_path, "model_name_or_path")
         if self.bf16 and not _has_bf16_device():
             # TrainingArguments refuses bf16 on CPU; recipes written for GPUs should still run here.
             warnings.warn("bf16 requested without a GPU that supports it: training in float32 instead", stacklevel=2)

@@ -157,6 +157,13 @@ class OnlineConfig(TrainingArguments):
             raise ValueError(f"mixture_coef must be in [0, 1], got {self.mixture_coef}")
         if self.prefix_chunk_num < 1:
             raise ValueError(f"prefix_chunk_num must be >= 1, got {self.prefix_chunk_num}")
+        from mnpo.config import check_at_least, check_causal_lm, check_training_length
+
+        check_at_least(self, 1, "max_prompts", unset="leave it unset to use every prompt")
+        check_at_least(self, 1, "max_prompt_length", "max_new_tokens")
+        check_training_length(self)
+        check_causal_lm(self.model_name_or_path, "model_name_or_path")
+        check_causal_lm(self.ref_model_name_or_path, "ref_model_name_or_path")
         if self.egpo_double_epochs:
             # Kept so old configs still parse. Nothing is changed, so a saved config reruns the same run.
             warnings.warn(

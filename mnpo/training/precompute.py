@@ -67,10 +67,16 @@ class PrecomputeConfig:
         for name in ("dataset", "ref_model", "output_dir"):
             if not getattr(self, name):
                 raise ValueError(f"--{name} is required")
+        from mnpo.config import check_at_least, check_causal_lm
+
+        check_at_least(self, 1, "max_prompt_length", "per_device_batch_size", "logprob_chunk_size")
         if self.max_prompt_length >= self.max_length:
             raise ValueError(
                 f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length ({self.max_length})"
             )
+        check_causal_lm(self.ref_model, "ref_model")
+        for path in self.history_paths:
+            check_causal_lm(path, "history_paths")
 
 
 def model_fingerprint(path: str) -> str:

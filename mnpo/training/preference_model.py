@@ -66,6 +66,10 @@ class PMRunConfig(TrainingArguments):
             raise ValueError("model_name_or_path is required: the model to start the preference model from")
         if self.dataset is None:
             raise ValueError("dataset is required: preference pairs with prompt, chosen and rejected")
+        from mnpo.config import check_at_least, check_training_length
+
+        check_at_least(self, 1, "max_length")
+        check_training_length(self)
         self.bf16 = resolve_bf16(self.bf16)
         super().__post_init__()
 

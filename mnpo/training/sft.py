@@ -74,6 +74,10 @@ class SFTRunConfig(SFTConfig):
             raise ValueError("model_name_or_path is required: the causal LM to fine-tune")
         if self.dataset is None:
             raise ValueError("dataset is required: chat data with `messages`, or `prompt` + `completion`")
+        from mnpo.config import check_at_least, check_training_length
+
+        check_at_least(self, 1, "max_length", "max_prompt_length", unset="leave it unset for no limit")
+        check_training_length(self)
         self.bf16 = resolve_bf16(self.bf16)
         super().__post_init__()
 
