@@ -244,3 +244,26 @@ def check_causal_lm(path: str | None, option: str) -> None:
             "model; pass a policy checkpoint (e.g. the SFT model)"
         )
 
+
+def context_length(model_config: Any, tokenizer: Any = None) -> int | None:
+    """The model's context in tokens: the smaller of max_position_embeddings and the tokenizer's
+    model_max_length, ignoring values that are not real limits (tokenizers without one report ~1e30)."""
+    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    limits = [getattr(text_config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    limits = [x for x in limits if isinstance(x, int) and not isinstance(x, bool) and 0 < x < 1_000_000]
+    return min(limits) if limits else None
+
+
+def resolve_max_length(requested: int | None, model_config: Any, tokenizer: Any, option: str, model: str) -> int:
+    """`requested`, or the model's context when unset; more than the context is an error naming the option."""
+    context = context_length(model_config, tokenizer)
+    if requested is None:
+        if context is None:
+            raise ConfigError(f"{model} states no context length: pass --{option}")
+        return context
+    if context is not None and requested > context:
+        raise ConfigError(
+            f"--{option} {requested} exceeds the context of {model} ({context} tokens); pass --{option} {context} "
+            "or less (or leave it unset for the model's context)"
+        )
+    return requested

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mnpo.data import columns as C
-from mnpo.errors import MnpoError
+from mnpo.errors import MnpoError, check_judge_path, check_model_path
 from mnpo.generation.shards import ShardStore, derive_seed, fingerprint, model_fingerprint, resolve_process_shard
 
 logger = logging.getLogger(__name__)
@@ -227,7 +227,9 @@ def _clean(score) -> float | None:
     return float(score) if score is not None and math.isfinite(score) else None
 
 
-def _score_chunk(kind: str, scorer, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _score_chunk(
+    kind: str, scorer, records: list[dict[str, Any]], truncation: str = "truncate"
+) -> list[dict[str, Any]]:
     """Per-record score rows for one chunk: {prompt_id, scores, keys, truncated[, matrix]}."""
     if kind == "dataset":
         return [
@@ -270,13 +272,28 @@ def _score_chunk(kind: str, scorer, records: list[dict[str, Any]]) -> list[dict[
                 prompts.append(r[C.PROMPT])
                 pairs.append((resp[i], resp[j]))
                 index.append((n, i, j))
-    probs = scorer.judge(prompts, pairs) if pairs else []
+    # A local preference model reports which pair texts it truncated (a remote judge or the oracle
+    # reads whole texts). A response in a truncated pair counts as a truncated input; with
+    # truncation=skip the pair gets no probability, so the response gets no score.
+    if not pairs:
+        probs, cut = [], []
+    elif hasattr(scorer, "judge_with_truncation"):
+        probs, cut = scorer.judge_with_truncation(prompts, pairs)
+    else:
+        probs, cut = scorer.judge(prompts, pairs), [False] * len(pairs)
     matrices = [[[0.5] * len(r[C.ALL_RESPONSES]) for _ in r[C.ALL_RESPONSES]] for r in records]
-    for (n, i, j), p in zip(index, probs):
+    truncated = [[False] * len(r[C.ALL_RESPONSES]) for r in records]
+    skipped = [[False] * len(r[C.ALL_RESPONSES]) for r in records]
+    for (n, i, j), p, c in zip(index, probs, cut):
         p = _clean(p)
+        if c:
+            truncated[n][i] = truncated[n][j] = True
+            if truncation == "skip":
+                p = None
+                skipped[n][i] = skipped[n][j] = True
         matrices[n][i][j], matrices[n][j][i] = p, (None if p is None else 1.0 - p)
     out = []
-    for r, m in zip(records, matrices):
+    for r, m, t, s in zip(records, matrices, truncated, skipped):
         k = len(m)
         rows = [[m[i][j] for j in range(k) if j != i] for i in range(k)]
         win = [None if None in row else sum(row) / (k - 1) for row in rows]
@@ -285,8 +302,9 @@ def _score_chunk(kind: str, scorer, records: list[dict[str, Any]]) -> list[dict[
                 C.PROMPT_ID: r[C.PROMPT_ID],
                 "scores": win,
                 "keys": [_text_key(x) for x in r[C.ALL_RESPONSES]],
-                "truncated": [False] * k,
-                "nonfinite": [w is None for w in win],
+                "truncated": t,
+                # None from the model (not from a skipped truncated pair): NaN / inf
+                "nonfinite": [w is None and not skip for w, skip in zip(win, s)],
                 "matrix": m,
             }
         )
@@ -383,6 +401,11 @@ def annotate(config: AnnotateConfig) -> Path | None:
 
     out = Path(config.output_dir)
     specs = scorer_specs(config)
+    for path in config.reward_model:
+        check_model_path(path, "--reward_model")
+    check_model_path(config.preference_model, "--preference_model")
+    if config.judge:
+        check_judge_path(*config.judge.split("=", 1), "--judge")
     names = [s[0] for s in specs]
     label_with = config.label_with or names[0]
     if label_with not in names:
@@ -417,7 +440,9 @@ def annotate(config: AnnotateConfig) -> Path | None:
             continue
         scorer = _load_scorer(kind, path, config) if path else None
         for chunk in todo:
-            store.write(chunk, _score_chunk(kind, scorer, [records[i] for i in store.chunk_rows(chunk)]))
+            store.write(
+                chunk, _score_chunk(kind, scorer, [records[i] for i in store.chunk_rows(chunk)], config.truncation)
+            )
             logger.info("annotate: %s shard %d written", name, chunk)
         del scorer  # free the model before loading the next one
     if not all(s.all_done() for s in stores.values()):

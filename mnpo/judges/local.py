@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from mnpo.data.chat import load_pair_template, pair_text
-from mnpo.judges.base import Judge
+from mnpo.judges.base import Judge, check_judge_inputs
 
 
 def _device(device: str | None) -> torch.device:
@@ -20,7 +20,8 @@ class PairwisePreferenceJudge(Judge):
     """2-class sequence classifier over `pair_text(prompt, first, second)`; class 0 = first preferred.
 
     P(first > second) = (softmax_0(first, second) + softmax_1(second, first)) / 2: both orders are
-    scored and averaged, which removes the model's position bias.
+    scored and averaged, which removes the model's position bias. Texts longer than `max_length`
+    tokens (default: the model's context) are truncated and reported by `judge_with_truncation`.
     """
 
     def __init__(self, model: Any, tokenizer: Any, template: str, batch_size: int = 16, max_length: int = 1024):
@@ -36,18 +37,27 @@ class PairwisePreferenceJudge(Judge):
     ) -> PairwisePreferenceJudge:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from mnpo.config import context_length, resolve_max_length
+
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForSequenceClassification.from_pretrained(path, dtype=getattr(torch, dtype))
         if model.config.num_labels != 2:
             raise ValueError(f"{path} has num_labels={model.config.num_labels}; a pairwise preference model needs 2")
         _set_pad(model, tokenizer)
-        return cls(model.to(_device(device)), tokenizer, load_pair_template(path), **kwargs)
+        # Never past the model's context (1024 tokens for a model that states none).
+        max_length = kwargs.pop("max_length", None)
+        if max_length is None and context_length(model.config, tokenizer) is None:
+            max_length = 1024
+        max_length = resolve_max_length(max_length, model.config, tokenizer, "max_length", path)
+        return cls(model.to(_device(device)), tokenizer, load_pair_template(path), max_length=max_length, **kwargs)
 
     @torch.no_grad()
-    def _class0_probs(self, texts: list[str]) -> list[float]:
+    def _class0_probs(self, texts: list[str]) -> tuple[list[float], list[bool]]:
+        """(P(class 0), whether the text was longer than max_length and so truncated) per text."""
         # Batches of similar length: padding is wasted compute (it doubled the tokens on the toy PM).
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = [0.0] * len(texts)
+        cut = [len(ids) > self.max_length for ids in self.tokenizer(texts)["input_ids"]]
         device = next(self.model.parameters()).device
         for start in range(0, len(texts), self.batch_size):
             index = order[start : start + self.batch_size]
@@ -61,14 +71,20 @@ class PairwisePreferenceJudge(Judge):
             logits = self.model(**enc).logits.float()
             for i, p in zip(index, torch.softmax(logits, -1)[:, 0].tolist()):
                 out[i] = p
-        return out
+        return out, cut
 
-    def _judge(self, prompts, pairs):
+    def judge_with_truncation(self, prompts, pairs) -> tuple[list[float], list[bool]]:
+        """`judge`, plus per pair whether either order's text was truncated (so the model may not have
+        seen the responses at all: a pair cut to its prompt scores a meaningless 0.5)."""
+        check_judge_inputs(prompts, pairs)
         n = len(prompts)
         texts = [pair_text(p, a, b, self.template) for p, (a, b) in zip(prompts, pairs)]
         texts += [pair_text(p, b, a, self.template) for p, (a, b) in zip(prompts, pairs)]
-        probs = self._class0_probs(texts)
-        return [(probs[i] + (1.0 - probs[n + i])) / 2.0 for i in range(n)]
+        probs, cut = self._class0_probs(texts) if texts else ([], [])
+        return [(probs[i] + (1.0 - probs[n + i])) / 2.0 for i in range(n)], [cut[i] or cut[n + i] for i in range(n)]
+
+    def _judge(self, prompts, pairs):
+        return self.judge_with_truncation(prompts, pairs)[0]
 
 
 class RewardModelJudge(Judge):

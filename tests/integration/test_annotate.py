@@ -189,7 +189,7 @@ def test_preference_model_matrix_uses_both_orders(world):
     a, b = RESPONSES[0][0], RESPONSES[0][1]
     from mnpo.data.chat import pair_text
 
-    p_ab, p_ba = judge._class0_probs(
+    (p_ab, p_ba), _ = judge._class0_probs(
         [pair_text(PROMPTS[0], a, b, judge.template), pair_text(PROMPTS[0], b, a, judge.template)]
     )
     assert row["matrix"][0][1] == pytest.approx((p_ab + 1 - p_ba) / 2)
