@@ -4,6 +4,10 @@ Each command names its config dataclass and its library function as "module:attr
 only when that command runs, so `mnpo --help` imports neither torch nor vllm nor deepspeed.
 Distributed stages are started by the launcher, which runs this module:
 `accelerate launch --config_file accelerate_configs/zero3.yaml -m mnpo.cli train-mnpo --config ...`.
+
+Errors (the same on every rank of a distributed launch): a user mistake (`MnpoError`, a bad flag) prints
+one line `mnpo <command>: error: <what and how to fix it>` and exits 2; any other exception prints one
+line with its type and exits 1. `mnpo --debug <command> ...` or MNPO_DEBUG=1 adds the traceback.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import logging
 import sys
 from dataclasses import dataclass
 
-from mnpo.errors import MnpoError
+from mnpo.errors import MnpoError, check_output_dir
 
 
 @dataclass(frozen=True)
@@ -116,8 +120,23 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+DEBUG_ENV = "MNPO_DEBUG"
+
+
+def _debug_requested(env: dict[str, str]) -> bool:
+    return env.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Exit status: 0 done, 2 a user mistake (MnpoError, bad flags), 1 anything else
+    (a bug: report it). Either way one line on stderr; the traceback only with the debug switch."""
+    import os
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    # The switch goes before the command: after it, `--debug` is TrainingArguments' own debug field.
+    debug = _debug_requested(os.environ)
+    while argv and argv[0] == "--debug":
+        debug, argv = True, argv[1:]
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
@@ -138,13 +157,32 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = parse_config(_load(command.config), rest, prog=f"mnpo {name}")
+        # Before the stage writes anything: a file or a read-only folder here would otherwise fail
+        # half-way, after minutes of loading and decoding.
+        check_output_dir(getattr(config, "output_dir", None))
         _load(command.handler)(config)
     except MnpoError as exc:
-        print(f"mnpo {name}: error: {exc}", file=sys.stderr)
-        return 2
-    except SystemExit as exc:  # argparse --help
-        return int(exc.code or 0)
+        return _report(name, f"{exc}", exc, debug, 2)
+    except SystemExit as exc:  # argparse --help (0), or a library's sys.exit(n)
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        return _report(name, str(exc.code), exc, debug, 1)
+    except Exception as exc:  # not a user mistake we know: still one line, but a distinct exit status
+        hint = f"rerun with `mnpo --debug {name} ...` or {DEBUG_ENV}=1 for the traceback"
+        return _report(name, f"{type(exc).__name__}: {exc} ({hint})", exc, debug, 1)
     return 0
+
+
+def _report(name: str, message: str, exc: BaseException, debug: bool, status: int) -> int:
+    if debug:
+        import traceback
+
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    first, _, rest = message.strip().partition("\n")
+    # One line: a library message spanning several lines is folded, not cut (it may hold the fix).
+    line = " ".join([first, *(part.strip() for part in rest.splitlines() if part.strip())])
+    print(f"mnpo {name}: error: {line}", file=sys.stderr, flush=True)
+    return status
 
 
 if __name__ == "__main__":
