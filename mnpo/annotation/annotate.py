@@ -164,8 +164,8 @@ def validate_records(rows: list[dict[str, Any]], source: str, need_dataset_score
     from mnpo.generation.decode import prompt_id_of
 
     records, skipped = [], {"empty_responses": 0, "single_response": 0}
-    for i, row in enumerate(rows):
-        where = f"{source}: record {i}" + (f" (prompt_id {row[C.PROMPT_ID]})" if C.PROMPT_ID in row else "")
+    for i, row in enumerate(rows, start=1):  # row numbers count from 1, as a JSONL file's lines do
+        where = f"{source}: row {i}" + (f" (prompt_id {row[C.PROMPT_ID]})" if C.PROMPT_ID in row else "")
         missing = [c for c in (C.PROMPT, C.ALL_RESPONSES) if c not in row]
         if missing:
             raise MnpoError(

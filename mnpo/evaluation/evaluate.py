@@ -14,7 +14,7 @@ from typing import Any
 
 from mnpo.config import save_config
 from mnpo.data.columns import PROMPT, PROMPT_ID
-from mnpo.errors import MnpoError
+from mnpo.errors import MnpoError, check_judge_path, check_model_path
 from mnpo.evaluation.config import EvaluateConfig, parse_judge_spec
 from mnpo.io import load_splits, read_jsonl, write_json, write_jsonl
 
@@ -30,7 +30,7 @@ def load_prompts(source: str, split: str, limit: int = 0) -> list[dict[str, Any]
         rows = next(iter(splits.values()))
     else:
         raise MnpoError(f"{source}: has no split '{split}' (it has: {', '.join(splits)}); set --prompt_split")
-    for i, row in enumerate(rows):
+    for i, row in enumerate(rows, start=1):  # row numbers count from 1, as a JSONL file's lines do
         if PROMPT not in row:
             raise MnpoError(f"{source} [split {split}]: row {i} has no '{PROMPT}' column (it has {sorted(row)})")
     return rows[:limit] if limit > 0 else rows
@@ -152,6 +152,11 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     from mnpo.judges import load_judge
 
     out = Path(config.output_dir)
+    for path in config.models:  # before any model is loaded or any response is written
+        check_model_path(path, "--models")
+    check_model_path(config.baseline, "--baseline")
+    for spec in config.judges:
+        check_judge_path(*parse_judge_spec(spec), "--judges")
     save_config(config, out)
     rows = load_prompts(config.prompts, config.prompt_split, config.num_prompts)
     prompts = [r[PROMPT] for r in rows]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mnpo.data import columns as C
-from mnpo.errors import MnpoError
+from mnpo.errors import MnpoError, check_model_path
 from mnpo.generation.shards import ShardStore, derive_seed, fingerprint, model_fingerprint, resolve_process_shard
 
 logger = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def prompt_id_of(row: dict[str, Any], prompt: Any) -> str:
 def extract_prompts(rows: list[dict[str, Any]], column: str, source: str) -> list[tuple[str, Any]]:
     """(prompt_id, prompt) per row; prompt is text or a chat-message list ending with a user turn."""
     out = []
-    for i, row in enumerate(rows):
+    for i, row in enumerate(rows, start=1):  # row numbers count from 1, as a JSONL file's lines do
         where = f"{source}: row {i}" + (f" (prompt_id {row[C.PROMPT_ID]})" if C.PROMPT_ID in row else "")
         if column in row:
             prompt = row[column]
@@ -237,6 +237,7 @@ def decode(config: DecodeConfig) -> Path | None:
     from mnpo.io import load_records, write_json, write_jsonl
 
     out = Path(config.output_dir)
+    check_model_path(config.model_name_or_path, "--model_name_or_path")
     rows = load_records(config.dataset, config.split)
     if config.limit is not None:
         rows = rows[: config.limit]
@@ -263,6 +264,11 @@ def decode(config: DecodeConfig) -> Path | None:
     }
     if todo:
         backend = _make_backend(config)
+        if getattr(backend.tokenizer, "chat_template", "") is None:  # every prompt is rendered with it
+            raise MnpoError(
+                f"--model_name_or_path {config.model_name_or_path}: its tokenizer has no chat template; use a chat "
+                "(instruct) model, or add a template (tokenizer.chat_template) and save_pretrained it"
+            )
         for n_done, chunk in enumerate(todo, start=1):
             idx = list(store.chunk_rows(chunk))
             token_ids, n_cut = [], 0

@@ -41,3 +41,5 @@ class ServeJudgeConfig:
             raise ValueError("model_name_or_path is required (the judge model directory)")
         if self.max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port {self.port} is out of range: use 1..65535, or 0 to pick a free port")

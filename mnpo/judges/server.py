@@ -242,8 +242,10 @@ class JudgeServer:
 
 def serve_judge(config) -> None:
     """Handler of `mnpo serve-judge`: load the judge, serve until SIGINT/SIGTERM, shut down cleanly."""
+    from mnpo.errors import check_judge_path
     from mnpo.judges import load_judge
 
+    check_judge_path(config.judge_type, config.model_name_or_path, "--model_name_or_path")
     judge = load_judge(
         config.judge_type,
         config.model_name_or_path,

@@ -29,7 +29,7 @@ from mnpo.data.collators import (
     tokenization_fingerprint,
     tokenize_pair,
 )
-from mnpo.errors import MnpoError
+from mnpo.errors import MnpoError, check_model_path, check_vocab
 from mnpo.training.logprobs import per_token_logps, reduce_logps
 from mnpo.training.losses import mnpo_loss
 from mnpo.training.mnpo_config import MNPOConfig
@@ -190,6 +190,7 @@ def train_mnpo(config: MNPOConfig) -> Path:
 
     from mnpo.config import save_config
 
+    check_model_path(config.model_name_or_path, "--model_name_or_path")
     try:
         tokenizer = AutoTokenizer.from_pretrained(config.model_name_or_path)
     except OSError as exc:
@@ -209,6 +210,9 @@ def train_mnpo(config: MNPOConfig) -> Path:
         "MNPO: %d rows, %d history opponent(s), eta=%s ratio=%s", len(dataset), num_history, config.eta, config.ratio
     )
     model = _load_model(config)
+    ids = (ids for c in (PROMPT_INPUT_IDS, CHOSEN_INPUT_IDS, REJECTED_INPUT_IDS) for ids in dataset[c])
+    max_token_id = max((max(s, default=0) for s in ids), default=0)
+    check_vocab(model, max_token_id, config.model_name_or_path, "--model_name_or_path", f"--dataset {config.dataset}")
     trainer = MNPOTrainer(model, config, dataset, num_history, processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_model(config.output_dir)

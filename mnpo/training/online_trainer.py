@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from mnpo.data.chat import encode_prompt
-from mnpo.errors import MnpoError
+from mnpo.errors import MnpoError, check_judge_path, check_model_path, check_vocab
 from mnpo.generation.mixture import SamplerSettings, completion_mask, generate_completions
 from mnpo.training.extragradient import ParameterSnapshot, optimizer_chain
 from mnpo.training.logprobs import per_token_logps, reduce_logps
@@ -526,7 +526,7 @@ def _load_prompts(cfg) -> list[dict[str, Any]]:
 
     rows = load_records(cfg.dataset_name, cfg.dataset_split)
     require_columns(rows, ["prompt"], cfg.dataset_name)
-    for i, row in enumerate(rows):
+    for i, row in enumerate(rows, start=1):  # row numbers count from 1, as a JSONL file's lines do
         if not isinstance(row["prompt"], (str, list)) or not row["prompt"]:
             raise MnpoError(f"{cfg.dataset_name}: row {i} has an empty or non-text `prompt`; fix or drop that row")
     if cfg.max_prompts:
@@ -578,6 +578,10 @@ def build_trainer(cfg) -> OnlineNLHFTrainer:
             "alg=nmd/nmdpg with use_peft needs ref_model_name_or_path: the geometric mixture runs the "
             "reference alongside the policy while sampling"
         )
+    if ref_model is not None:  # it scores the policy's tokens
+        ref_path = cfg.ref_model_name_or_path or cfg.model_name_or_path
+        policy = f"the tokenizer of --model_name_or_path {cfg.model_name_or_path}"
+        check_vocab(ref_model, len(tokenizer) - 1, ref_path, "--ref_model_name_or_path", policy)
     # A local judge goes on each rank's own device (not every rank on cuda:0).
     judge = load_judge(
         cfg.judge_type, cfg.judge_name_or_path, device=cfg.judge_device or str(cfg.device), token=cfg.judge_token
@@ -599,6 +603,9 @@ def train_egpo(cfg) -> OnlineNLHFTrainer:
 
     from mnpo.config import save_config
 
+    check_model_path(cfg.model_name_or_path, "--model_name_or_path")
+    check_model_path(cfg.ref_model_name_or_path, "--ref_model_name_or_path")
+    check_judge_path(cfg.judge_type, cfg.judge_name_or_path, "--judge_name_or_path")
     if cfg.alg == "eg":
         logger.info(
             "EGPO: 2 optimiser steps per update; LR schedule counts both steps: %s", cfg.egpo_schedule_counts_both_steps

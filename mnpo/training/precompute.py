@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mnpo.errors import MnpoError
+from mnpo.errors import MnpoError, check_model_path, check_vocab
 
 logger = logging.getLogger(__name__)
 
@@ -270,6 +270,10 @@ def precompute_logps(config: PrecomputeConfig) -> Path:
     state = PartialState(cpu=not torch.cuda.is_available())
     log = logger.info if state.is_main_process else logger.debug
     output_dir = Path(config.output_dir)
+    check_model_path(config.ref_model, "--ref_model")
+    for path in config.history_paths:
+        check_model_path(path, "--history_paths")
+    check_model_path(config.tokenizer_name_or_path, "--tokenizer_name_or_path", "tokenizer")
     rows = load_records(config.dataset, config.split)
     require_columns(rows, [C.PROMPT, C.CHOSEN, C.REJECTED], config.dataset)
     tok_path = config.tokenizer_name_or_path or config.ref_model
@@ -282,7 +286,7 @@ def precompute_logps(config: PrecomputeConfig) -> Path:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     encoded = []
-    for i, row in enumerate(rows):
+    for i, row in enumerate(rows, start=1):  # row numbers count from 1, as a JSONL file's lines do
         try:
             encoded.append(tokenize_pair(tokenizer, row, config.max_length, config.max_prompt_length))
         except (ValueError, KeyError, TypeError) as exc:
@@ -295,6 +299,7 @@ def precompute_logps(config: PrecomputeConfig) -> Path:
     prompts = [e[PROMPT_INPUT_IDS] for e in encoded] * 2
     completions = [e[CHOSEN_INPUT_IDS] for e in encoded] + [e[REJECTED_INPUT_IDS] for e in encoded]
     n = len(rows)
+    max_token_id = max((max(s, default=0) for s in prompts + completions), default=0)
 
     models = [("reference", config.ref_model)] + [(f"history{j}", p) for j, p in enumerate(config.history_paths)]
     columns: dict[str, list[float]] = {}
@@ -310,6 +315,8 @@ def precompute_logps(config: PrecomputeConfig) -> Path:
         else:
             log("%s (%s): scoring %d sequences on %d process(es)", prefix, path, 2 * n, state.num_processes)
             model, engine = _load_model(path, config, state.device)
+            option = "--ref_model" if prefix == "reference" else "--history_paths"
+            check_vocab(model, max_token_id, path, option, f"the tokenizer of {tok_path}")
             out = score_sequences(
                 model, prompts, completions, pad_token_id=pad_id, batch_size=config.per_device_batch_size,
                 reduction=config.logp_reduction, chunk_size=config.logprob_chunk_size, device=state.device,

@@ -19,7 +19,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from mnpo.errors import MnpoError
+from mnpo.errors import MnpoError, check_model_path
 from mnpo.training.reward_model import load_sequence_classifier, pair_rows
 from mnpo.training.sft import load_tokenizer, model_init_kwargs, resolve_bf16, save_model_dir
 
@@ -144,6 +144,8 @@ def train_preference_model(config: PMRunConfig) -> Path:
     from mnpo.data.chat import PAIR_TEMPLATE_FILE
     from mnpo.io import load_splits
 
+    check_model_path(config.model_name_or_path, "--model_name_or_path")
+    check_model_path(config.tokenizer_name_or_path, "--tokenizer_name_or_path", "tokenizer")
     tokenizer = load_tokenizer(config.tokenizer_name_or_path or config.model_name_or_path)
     template = read_pair_template(config.pair_template)
     splits = load_splits(config.dataset)

@@ -17,7 +17,7 @@ from typing import Any
 
 from trl import RewardConfig
 
-from mnpo.errors import MnpoError
+from mnpo.errors import MnpoError, check_model_path
 from mnpo.training.sft import load_tokenizer, model_init_kwargs, resolve_bf16, save_model_dir
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def pair_rows(rows: list[dict[str, Any]], source: str) -> list[tuple[Any, str, s
 
     require_columns(rows, [PROMPT, CHOSEN, REJECTED], source)
     out = []
-    for i, row in enumerate(rows):
+    for i, row in enumerate(rows, start=1):  # row numbers count from 1, as a JSONL file's lines do
         try:
             out.append((row[PROMPT], response_of(row[CHOSEN]), response_of(row[REJECTED])))
         except ValueError as exc:
@@ -133,6 +133,8 @@ def train_reward_model(config: RMRunConfig) -> Path:
     from mnpo.config import save_config
     from mnpo.io import load_splits
 
+    check_model_path(config.model_name_or_path, "--model_name_or_path")
+    check_model_path(config.tokenizer_name_or_path, "--tokenizer_name_or_path", "tokenizer")
     tokenizer = load_tokenizer(config.tokenizer_name_or_path or config.model_name_or_path)
     splits = load_splits(config.dataset)
     wanted = [config.dataset_split] + ([config.eval_split] if config.eval_split else [])

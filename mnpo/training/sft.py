@@ -20,7 +20,7 @@ from typing import Any
 
 from trl import SFTConfig
 
-from mnpo.errors import MnpoError
+from mnpo.errors import MnpoError, check_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def tokenize_sft_rows(tokenizer, rows: list[dict[str, Any]], source: str, max_pr
     from mnpo.data.chat import encode_prompt_completion
 
     out = []
-    for i, row in enumerate(rows):
+    for i, row in enumerate(rows, start=1):  # row numbers count from 1, as a JSONL file's lines do
         prompt, reply = sft_example(row, source, i)
         try:
             prompt_ids, completion_ids = encode_prompt_completion(
@@ -183,6 +183,8 @@ def train_sft(config: SFTRunConfig) -> Path:
     from mnpo.config import save_config
     from mnpo.io import load_splits
 
+    check_model_path(config.model_name_or_path, "--model_name_or_path")
+    check_model_path(config.tokenizer_name_or_path, "--tokenizer_name_or_path", "tokenizer")
     tokenizer = load_tokenizer(config.tokenizer_name_or_path or config.model_name_or_path)
     splits = load_splits(config.dataset)
     wanted = [config.dataset_split] + ([config.eval_split] if config.eval_split else [])

@@ -332,7 +332,7 @@ def test_bad_records_name_the_record(world, tmp_path, capsys, row, message):
     data.write_text(json.dumps(ok) + "\n" + json.dumps(row) + "\n")
     assert main(_args(world, data, tmp_path / "o")) == 2
     err = capsys.readouterr().err
-    assert message in err and "record 1 (prompt_id r1)" in err and "Traceback" not in err
+    assert message in err and "row 2 (prompt_id r1)" in err and "Traceback" not in err  # the bad line: line 2
 
 
 def test_non_utf8_bytes_and_missing_dataset_scores(tmp_path, capsys):

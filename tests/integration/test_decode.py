@@ -185,7 +185,7 @@ def test_bad_prompts_name_the_record(world, tmp_path, capsys, line, message):
             "--output_dir", str(tmp_path / "out")]  # fmt: skip
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert message in err and "row 1" in err and "Traceback" not in err
+    assert message in err and "bad.jsonl: row 2" in err and "Traceback" not in err  # the bad line: line 2
 
 
 def test_non_utf8_bytes_name_the_line(world, tmp_path, capsys):
