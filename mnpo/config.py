@@ -254,16 +254,70 @@ def context_length(model_config: Any, tokenizer: Any = None) -> int | None:
     return min(limits) if limits else None
 
 
-def resolve_max_length(requested: int | None, model_config: Any, tokenizer: Any, option: str, model: str) -> int:
-    """`requested`, or the model's context when unset; more than the context is an error naming the option."""
-    context = context_length(model_config, tokenizer)
+def resolve_max_length(
+    requested: int | None, context: int | None, option: str, model: str, fallback: int = 1024
+) -> int:
+    """`requested`, or the model's context when unset (`fallback` for a model that states none); more
+    than the context is an error naming the option."""
     if requested is None:
-        if context is None:
-            raise ConfigError(f"{model} states no context length: pass --{option}")
-        return context
+        return fallback if context is None else context
     if context is not None and requested > context:
         raise ConfigError(
             f"--{option} {requested} exceeds the context of {model} ({context} tokens); pass --{option} {context} "
             "or less (or leave it unset for the model's context)"
         )
     return requested
+
+
+def model_context(name_or_path: str, tokenizer: Any = None) -> int | None:
+    """`context_length` of a model folder or Hub id from its config alone (no weights are loaded)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError):  # e.g. a LoRA adapter folder: only the tokenizer's limit is known
+        return context_length(object(), tokenizer)
+    return context_length(config, tokenizer)
+
+
+def prompt_budget(max_prompt_length: int | None, max_new_tokens: int, context: int | None, model: str) -> int:
+    """Prompt tokens to keep so that prompt + max_new_tokens fits the context: --max_prompt_length, or by
+    default all that the context leaves (512 for a model that states no context)."""
+    if context is None:
+        return 512 if max_prompt_length is None else max_prompt_length
+    room = context - max_new_tokens
+    if room < 1:
+        raise ConfigError(
+            f"--max_new_tokens {max_new_tokens} leaves no room for a prompt in the context of {model} "
+            f"({context} tokens); lower --max_new_tokens"
+        )
+    if max_prompt_length is None:
+        return room
+    if max_prompt_length > room:
+        raise ConfigError(
+            f"--max_prompt_length {max_prompt_length} + --max_new_tokens {max_new_tokens} exceed the context of "
+            f"{model} ({context} tokens); lower one of them (or leave --max_prompt_length unset)"
+        )
+    return max_prompt_length
+
+
+PAIR_LENGTHS = (2048, 1800)  # the paper recipe's max_length and max_prompt_length
+
+
+def resolve_pair_lengths(config: Any, context: int | None, model: str) -> None:
+    """Fill in max_length / max_prompt_length of precompute and train-mnpo (in place, so the saved config
+    holds the values used): 2048 and 1800, scaled down to the model's context when it is smaller."""
+    max_length = config.max_length
+    if max_length is None:
+        max_length = PAIR_LENGTHS[0] if context is None else min(PAIR_LENGTHS[0], context)
+    elif context is not None and max_length > context:
+        raise ConfigError(
+            f"--max_length {max_length} exceeds the context of {model} ({context} tokens); pass --max_length "
+            f"{context} or less (or leave it unset)"
+        )
+    max_prompt_length = config.max_prompt_length
+    if max_prompt_length is None:
+        max_prompt_length = max_length * PAIR_LENGTHS[1] // PAIR_LENGTHS[0]
+    if max_prompt_length >= max_length:
+        raise ConfigError(f"--max_prompt_length ({max_prompt_length}) must be smaller than --max_length ({max_length})")
+    config.max_length, config.max_prompt_length = max_length, max_prompt_length

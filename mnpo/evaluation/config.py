@@ -59,7 +59,13 @@ class EvaluateConfig:
     prompt_split: str = field(default="test", metadata={"help": "split to read when --prompts is a folder or dataset"})
     num_prompts: int = field(default=0, metadata={"help": "evaluate on the first N prompts only (0 = all)"})
     max_new_tokens: int = field(default=64, metadata={"help": "length cap of each generated response"})
-    max_prompt_length: int = field(default=512, metadata={"help": "prompts longer than this keep their last tokens"})
+    max_prompt_length: int = field(
+        default=None,
+        metadata={
+            "help": "prompts longer than this keep their last tokens (default: what each model's context leaves "
+            "after max_new_tokens; more is an error)"
+        },
+    )
     temperature: float = field(default=0.7, metadata={"help": "sampling temperature; 0 = greedy decoding"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling cut-off"})
     seed: int = field(default=42, metadata={"help": "seed of generation (reset per model) and of the bootstrap"})

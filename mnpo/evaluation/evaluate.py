@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from mnpo.config import save_config
+from mnpo.config import context_length, prompt_budget, save_config
 from mnpo.data.columns import PROMPT, PROMPT_ID
 from mnpo.errors import MnpoError, check_judge_path, check_model_path
 from mnpo.evaluation.config import EvaluateConfig, parse_judge_spec
@@ -50,12 +50,13 @@ def generate_responses(model_path: str, prompts: list[Any], config: EvaluateConf
     except (OSError, ValueError) as exc:
         raise MnpoError(f"cannot load model '{model_path}' for evaluation: {exc}") from exc
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # Prompt + response stay inside the model's context (the default prompt budget is what it leaves).
+    context = context_length(model.config, tokenizer)
+    keep = prompt_budget(config.max_prompt_length, config.max_new_tokens, context, model_path)
     torch.manual_seed(config.seed)
     out: list[str] = []
     for start in range(0, len(prompts), config.batch_size):
-        ids = [
-            encode_prompt(tokenizer, p)[-config.max_prompt_length :] for p in prompts[start : start + config.batch_size]
-        ]
+        ids = [encode_prompt(tokenizer, p)[-keep:] for p in prompts[start : start + config.batch_size]]
         width = max(len(x) for x in ids)
         # Left padding: generation continues from the last real token of every row.
         input_ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in ids], device=device)

@@ -41,9 +41,16 @@ class DecodeConfig:
     num_responses: int = field(default=5, metadata={"help": "K, responses sampled per prompt"})
     temperature: float = field(default=0.8, metadata={"help": "sampling temperature (0 = greedy)"})
     top_p: float = field(default=0.95, metadata={"help": "nucleus sampling mass"})
-    max_new_tokens: int = field(default=4096, metadata={"help": "maximum tokens per response"})
+    max_new_tokens: int | None = field(
+        default=None,
+        metadata={"help": "maximum tokens per response (default: 4096, or half the model's context if smaller)"},
+    )
     max_prompt_length: int | None = field(
-        default=None, metadata={"help": "longer prompts keep their last tokens (the question and generation prompt)"}
+        default=None,
+        metadata={
+            "help": "longer prompts keep their last tokens (the question and generation prompt); unset, a prompt "
+            "that leaves no room for max_new_tokens in the model's context is skipped (counted in stats.json)"
+        },
     )
     seed: int = field(default=42, metadata={"help": "base seed; prompt i samples with a seed derived from (seed, i)"})
     batch_size: int = field(default=64, metadata={"help": "hf backend: sequences per generate call"})
@@ -80,7 +87,7 @@ class DecodeConfig:
     def __post_init__(self):
         if self.num_responses < 1:
             raise ValueError(f"num_responses must be >= 1, got {self.num_responses}")
-        if self.max_new_tokens < 1:
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
@@ -176,6 +183,19 @@ def _make_backend(config: DecodeConfig):
     )
 
 
+def backend_context(backend: Any) -> int | None:
+    """Tokens a prompt and its response may take together: vLLM's max_model_len, else the HF model's context."""
+    from mnpo.config import context_length
+
+    llm = getattr(backend, "llm", None)
+    if llm is not None:
+        return getattr(getattr(llm.llm_engine, "model_config", None), "max_model_len", None)
+    return context_length(backend.model.config, backend.tokenizer)
+
+
+DEFAULT_MAX_NEW_TOKENS = 4096  # the paper's
+
+
 def _run_fingerprint(config: DecodeConfig, prompts: list[tuple[str, Any]]) -> str:
     # What determines the raw shards; post-processing flags are applied at merge and left out.
     return fingerprint(
@@ -199,10 +219,16 @@ def _run_fingerprint(config: DecodeConfig, prompts: list[tuple[str, Any]]) -> st
     )
 
 
+SKIP_PAST_CONTEXT = "prompt_past_context"  # a shard record of a prompt that was not decoded
+
+
 def postprocess(records: list[dict[str, Any]], drop_identical: bool, truncated_responses: str):
     """Apply the truncation policy and the all-identical filter; returns (kept records, counts)."""
+    past_context = [r for r in records if r.get("skipped") == SKIP_PAST_CONTEXT]
+    records = [r for r in records if r.get("skipped") != SKIP_PAST_CONTEXT]
     stats = {
-        "prompts": len(records),
+        "prompts": len(records) + len(past_context),
+        "skipped_prompts_past_context": len(past_context),
         "responses": sum(len(r[C.ALL_RESPONSES]) for r in records),
         "truncated_responses": sum(f == "length" for r in records for f in r["finish_reasons"]),
         "dropped_truncated_responses": 0,
@@ -253,29 +279,43 @@ def decode(config: DecodeConfig) -> Path | None:
     )
     shard_index, num_shards = resolve_process_shard(config.shard_index, config.num_shards)
     todo = store.pending(shard_index, num_shards)
-    sampling = SamplingSettings(config.num_responses, config.temperature, config.top_p, config.max_new_tokens)
-    sampling_record = {
-        "backend": config.backend,
-        "n": config.num_responses,
-        "temperature": config.temperature,
-        "top_p": config.top_p,
-        "max_new_tokens": config.max_new_tokens,
-        "base_seed": config.seed,
-    }
     if todo:
         backend = _make_backend(config)
+        # Prompt + response stay inside the model's context: the default response budget is capped by it,
+        # and without --max_prompt_length a prompt that leaves no room is skipped (counted), not decoded.
+        from mnpo.config import prompt_budget
+
+        context = backend_context(backend)
+        max_new_tokens = config.max_new_tokens
+        if max_new_tokens is None:
+            max_new_tokens = DEFAULT_MAX_NEW_TOKENS if context is None else min(DEFAULT_MAX_NEW_TOKENS, context // 2)
+        room = None
+        if context is not None:
+            room = prompt_budget(config.max_prompt_length, max_new_tokens, context, config.model_name_or_path)
+        sampling = SamplingSettings(config.num_responses, config.temperature, config.top_p, max_new_tokens)
+        sampling_record = {
+            "backend": config.backend,
+            "n": config.num_responses,
+            "temperature": config.temperature,
+            "top_p": config.top_p,
+            "max_new_tokens": max_new_tokens,
+            "base_seed": config.seed,
+        }
         if getattr(backend.tokenizer, "chat_template", "") is None:  # every prompt is rendered with it
             raise MnpoError(
                 f"--model_name_or_path {config.model_name_or_path}: its tokenizer has no chat template; use a chat "
                 "(instruct) model, or add a template (tokenizer.chat_template) and save_pretrained it"
             )
         for n_done, chunk in enumerate(todo, start=1):
-            idx = list(store.chunk_rows(chunk))
-            token_ids, n_cut = [], 0
-            for i in idx:
+            idx, token_ids, n_cut, skipped = [], [], 0, []
+            for i in store.chunk_rows(chunk):
                 ids = encode_prompt(backend.tokenizer, prompts[i][1])
                 if config.max_prompt_length is not None and len(ids) > config.max_prompt_length:
                     ids, n_cut = ids[-config.max_prompt_length :], n_cut + 1
+                if room is not None and len(ids) > room:
+                    skipped.append(i)
+                    continue
+                idx.append(i)
                 token_ids.append(ids)
             if n_cut:
                 logger.warning(
@@ -284,22 +324,39 @@ def decode(config: DecodeConfig) -> Path | None:
                     n_cut,
                     config.max_prompt_length,
                 )
+            if skipped:
+                logger.warning(
+                    "shard %d: %d prompt(s) longer than %d tokens skipped: with max_new_tokens %d they do not fit "
+                    "the model's context of %s tokens (set --max_prompt_length to cut them instead)",
+                    chunk,
+                    len(skipped),
+                    room,
+                    max_new_tokens,
+                    context,
+                )
             seeds = [derive_seed(config.seed, i) for i in idx]
-            completions = backend.generate(token_ids, seeds, sampling)
-            store.write(
-                chunk,
-                (
-                    {
-                        C.PROMPT_ID: prompts[i][0],
-                        C.PROMPT: prompts[i][1],
-                        C.ALL_RESPONSES: [c.text for c in comps],
-                        "response_token_ids": [c.token_ids for c in comps],
-                        "finish_reasons": [c.finish_reason for c in comps],
-                        "sampling": {**sampling_record, "seed": seed},
-                    }
-                    for i, seed, comps in zip(idx, seeds, completions)
-                ),
-            )
+            completions = backend.generate(token_ids, seeds, sampling) if idx else []
+            decoded = {
+                i: {
+                    C.PROMPT_ID: prompts[i][0],
+                    C.PROMPT: prompts[i][1],
+                    C.ALL_RESPONSES: [c.text for c in comps],
+                    "response_token_ids": [c.token_ids for c in comps],
+                    "finish_reasons": [c.finish_reason for c in comps],
+                    "sampling": {**sampling_record, "seed": seed},
+                }
+                for i, seed, comps in zip(idx, seeds, completions)
+            }
+            for i in skipped:
+                decoded[i] = {
+                    C.PROMPT_ID: prompts[i][0],
+                    C.PROMPT: prompts[i][1],
+                    C.ALL_RESPONSES: [],
+                    "response_token_ids": [],
+                    "finish_reasons": [],
+                    "skipped": SKIP_PAST_CONTEXT,
+                }
+            store.write(chunk, (decoded[i] for i in store.chunk_rows(chunk)))
             logger.info("decode: shard %d written (%d/%d of this process)", chunk, n_done, len(todo))
     if not store.all_done():
         logger.info(

@@ -45,10 +45,8 @@ class PairwisePreferenceJudge(Judge):
             raise ValueError(f"{path} has num_labels={model.config.num_labels}; a pairwise preference model needs 2")
         _set_pad(model, tokenizer)
         # Never past the model's context (1024 tokens for a model that states none).
-        max_length = kwargs.pop("max_length", None)
-        if max_length is None and context_length(model.config, tokenizer) is None:
-            max_length = 1024
-        max_length = resolve_max_length(max_length, model.config, tokenizer, "max_length", path)
+        context = context_length(model.config, tokenizer)
+        max_length = resolve_max_length(kwargs.pop("max_length", None), context, "max_length", path)
         return cls(model.to(_device(device)), tokenizer, load_pair_template(path), max_length=max_length, **kwargs)
 
     @torch.no_grad()

@@ -51,9 +51,16 @@ class MNPOConfig(TrainingArguments):
         },
     )
     max_length: int = field(
-        default=2048, metadata={"help": "max prompt + completion tokens (must match the precompute)"}
+        default=None,
+        metadata={
+            "help": "max prompt + completion tokens, must match the precompute (default: 2048, or the model's "
+            "context if smaller; more than the context is an error)"
+        },
     )
-    max_prompt_length: int = field(default=1800, metadata={"help": "max prompt tokens, keeping the end (must match)"})
+    max_prompt_length: int = field(
+        default=None,
+        metadata={"help": "max prompt tokens, keeping the end; must match (default: max_length * 1800 / 2048)"},
+    )
     logprob_chunk_size: int = field(default=1024, metadata={"help": "tokens per LM-head/log-softmax chunk"})
     model_dtype: str = field(
         default="auto",
@@ -95,7 +102,8 @@ class MNPOConfig(TrainingArguments):
         from mnpo.config import check_at_least, check_causal_lm, check_training_length
 
         check_at_least(self, 1, "max_prompt_length", "logprob_chunk_size")
-        if self.max_prompt_length >= self.max_length:
+        check_at_least(self, 2, "max_length")
+        if None not in (self.max_length, self.max_prompt_length) and self.max_prompt_length >= self.max_length:
             raise ValueError(
                 f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length ({self.max_length})"
             )

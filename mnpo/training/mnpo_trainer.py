@@ -188,7 +188,7 @@ def train_mnpo(config: MNPOConfig) -> Path:
     """CLI handler: load policy and precomputed data, train one epoch, save model, tokenizer and config."""
     from transformers import AutoTokenizer
 
-    from mnpo.config import save_config
+    from mnpo.config import model_context, resolve_pair_lengths, save_config
 
     check_model_path(config.model_name_or_path, "--model_name_or_path")
     try:
@@ -197,6 +197,7 @@ def train_mnpo(config: MNPOConfig) -> Path:
         raise MnpoError(f"could not load the tokenizer of {config.model_name_or_path}: {exc}") from exc
     if tokenizer.chat_template is None:
         raise MnpoError(f"{config.model_name_or_path}: the tokenizer has no chat template")
+    resolve_pair_lengths(config, model_context(config.model_name_or_path, tokenizer), config.model_name_or_path)
     dataset = prepare_dataset(config, tokenizer)
     num_history = count_history_columns(dataset.column_names)
     if config.max_history_t is not None:

@@ -57,7 +57,13 @@ class OnlineConfig(TrainingArguments):
         default=None, metadata={"help": "device of a local judge model (default: the training device)"}
     )
     beta: float = field(default=0.1, metadata={"help": "KL regularisation beta (algorithms.md 2.1)"})
-    max_prompt_length: int = field(default=512, metadata={"help": "prompt tokens kept (the end of the prompt)"})
+    max_prompt_length: int = field(
+        default=None,
+        metadata={
+            "help": "prompt tokens kept, the end of the prompt (default: what the policy's context leaves after "
+            "max_new_tokens; a prompt + max_new_tokens past the context is an error)"
+        },
+    )
     max_new_tokens: int = field(default=64, metadata={"help": "completion length cap for every sampler"})
     # Pair sampler y, y' (oipo1/nmd/eg default to T = 2, top-k 10; oipo2/nmdpg to the plain policy).
     temperature: float = field(

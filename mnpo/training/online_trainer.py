@@ -545,11 +545,15 @@ def _dtype(name: str):
 def build_trainer(cfg) -> OnlineNLHFTrainer:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from mnpo.config import model_context, prompt_budget
     from mnpo.judges import load_judge
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # Prompt + completion stay inside the policy's context (the default prompt budget is what it leaves).
+    context = model_context(cfg.model_name_or_path, tokenizer)
+    cfg.max_prompt_length = prompt_budget(cfg.max_prompt_length, cfg.max_new_tokens, context, cfg.model_name_or_path)
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model_name_or_path, dtype=_dtype(cfg.model_dtype), attn_implementation=cfg.attn_implementation
     )

@@ -48,9 +48,16 @@ class PrecomputeConfig:
     logp_reduction: str = field(
         default="mean", metadata={"help": "sequence log-prob: per-token mean or sum", "choices": ["mean", "sum"]}
     )
-    max_length: int = field(default=2048, metadata={"help": "max prompt + completion tokens (as in training)"})
+    max_length: int = field(
+        default=None,
+        metadata={
+            "help": "max prompt + completion tokens, as in training (default: 2048, or the reference model's "
+            "context if smaller; more than the context is an error)"
+        },
+    )
     max_prompt_length: int = field(
-        default=1800, metadata={"help": "max prompt tokens, keeping the end (as in training)"}
+        default=None,
+        metadata={"help": "max prompt tokens, keeping the end, as in training (default: max_length * 1800 / 2048)"},
     )
     per_device_batch_size: int = field(default=8, metadata={"help": "sequences per forward pass (length-sorted)"})
     logprob_chunk_size: int = field(default=1024, metadata={"help": "tokens per LM-head/log-softmax chunk"})
@@ -70,7 +77,8 @@ class PrecomputeConfig:
         from mnpo.config import check_at_least, check_causal_lm
 
         check_at_least(self, 1, "max_prompt_length", "per_device_batch_size", "logprob_chunk_size")
-        if self.max_prompt_length >= self.max_length:
+        check_at_least(self, 2, "max_length")
+        if None not in (self.max_length, self.max_prompt_length) and self.max_prompt_length >= self.max_length:
             raise ValueError(
                 f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length ({self.max_length})"
             )
@@ -254,7 +262,7 @@ def precompute_logps(config: PrecomputeConfig) -> Path:
     from accelerate import PartialState
     from transformers import AutoTokenizer
 
-    from mnpo.config import save_config
+    from mnpo.config import model_context, resolve_pair_lengths, save_config
     from mnpo.data import columns as C
     from mnpo.data.collators import (
         CHOSEN_INPUT_IDS,
@@ -283,6 +291,7 @@ def precompute_logps(config: PrecomputeConfig) -> Path:
         raise MnpoError(f"could not load the tokenizer from {tok_path}: {exc}") from exc
     if tokenizer.chat_template is None:
         raise MnpoError(f"tokenizer {tok_path} has no chat template; pass --tokenizer_name_or_path of one that has")
+    resolve_pair_lengths(config, model_context(config.ref_model, tokenizer), config.ref_model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     encoded = []

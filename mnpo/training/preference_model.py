@@ -52,7 +52,10 @@ class PMRunConfig(TrainingArguments):
         default=None,
         metadata={"help": 'extra from_pretrained kwargs as JSON, e.g. \'{"attn_implementation": "sdpa"}\''},
     )
-    max_length: int = field(default=1024, metadata={"help": "longest pair text in tokens; longer ones keep their end"})
+    max_length: int | None = field(
+        default=None,
+        metadata={"help": "longest pair text in tokens, longer ones keep their end (default: the model's context)"},
+    )
     bf16: bool | None = field(
         default=None, metadata={"help": "bf16 mixed precision (default: on where the GPU supports it, off on CPU)"}
     )
@@ -140,13 +143,15 @@ def train_preference_model(config: PMRunConfig) -> Path:
     from datasets import Dataset
     from transformers import DataCollatorWithPadding, Trainer, set_seed
 
-    from mnpo.config import save_config
+    from mnpo.config import model_context, resolve_max_length, save_config
     from mnpo.data.chat import PAIR_TEMPLATE_FILE
     from mnpo.io import load_splits
 
     check_model_path(config.model_name_or_path, "--model_name_or_path")
     check_model_path(config.tokenizer_name_or_path, "--tokenizer_name_or_path", "tokenizer")
     tokenizer = load_tokenizer(config.tokenizer_name_or_path or config.model_name_or_path)
+    context = model_context(config.model_name_or_path, tokenizer)
+    config.max_length = resolve_max_length(config.max_length, context, "max_length", config.model_name_or_path)
     template = read_pair_template(config.pair_template)
     splits = load_splits(config.dataset)
     wanted = [config.dataset_split] + ([config.eval_split] if config.eval_split else [])

@@ -40,6 +40,10 @@ class RMRunConfig(RewardConfig):
     eval_split: str | None = field(
         default=None, metadata={"help": "split to report pairwise accuracy on after training (none: no evaluation)"}
     )
+    max_length: int | None = field(
+        default=None,
+        metadata={"help": "longest prompt + response in tokens, keeping the end (default: the model's context)"},
+    )
     bf16: bool | None = field(
         default=None, metadata={"help": "bf16 mixed precision (default: on where the GPU supports it, off on CPU)"}
     )
@@ -130,12 +134,14 @@ def train_reward_model(config: RMRunConfig) -> Path:
     from transformers import set_seed
     from trl import RewardTrainer
 
-    from mnpo.config import save_config
+    from mnpo.config import model_context, resolve_max_length, save_config
     from mnpo.io import load_splits
 
     check_model_path(config.model_name_or_path, "--model_name_or_path")
     check_model_path(config.tokenizer_name_or_path, "--tokenizer_name_or_path", "tokenizer")
     tokenizer = load_tokenizer(config.tokenizer_name_or_path or config.model_name_or_path)
+    context = model_context(config.model_name_or_path, tokenizer)
+    config.max_length = resolve_max_length(config.max_length, context, "max_length", config.model_name_or_path)
     splits = load_splits(config.dataset)
     wanted = [config.dataset_split] + ([config.eval_split] if config.eval_split else [])
     pairs = {}

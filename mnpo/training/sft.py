@@ -56,6 +56,10 @@ class SFTRunConfig(SFTConfig):
     max_prompt_length: int | None = field(
         default=None, metadata={"help": "keep only the last this-many prompt tokens (none: no limit)"}
     )
+    max_length: int | None = field(
+        default=None,
+        metadata={"help": "longest example in tokens (default: the model's context; more is an error)"},
+    )
     # TRL defaults that do not suit small or CPU runs; real recipes set them in YAML.
     bf16: bool | None = field(
         default=None, metadata={"help": "bf16 mixed precision (default: on where the GPU supports it, off on CPU)"}
@@ -180,12 +184,14 @@ def train_sft(config: SFTRunConfig) -> Path:
     from transformers import AutoModelForCausalLM, set_seed
     from trl import SFTTrainer
 
-    from mnpo.config import save_config
+    from mnpo.config import model_context, resolve_max_length, save_config
     from mnpo.io import load_splits
 
     check_model_path(config.model_name_or_path, "--model_name_or_path")
     check_model_path(config.tokenizer_name_or_path, "--tokenizer_name_or_path", "tokenizer")
     tokenizer = load_tokenizer(config.tokenizer_name_or_path or config.model_name_or_path)
+    context = model_context(config.model_name_or_path, tokenizer)
+    config.max_length = resolve_max_length(config.max_length, context, "max_length", config.model_name_or_path)
     splits = load_splits(config.dataset)
     wanted = [config.dataset_split] + ([config.eval_split] if config.eval_split else [])
     for split in wanted:

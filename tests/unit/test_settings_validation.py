@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from tiny_models import build_tiny_policy
 
 from mnpo.config import ConfigError, parse_config
 from mnpo.training.online_config import OnlineConfig
@@ -21,7 +22,9 @@ def test_egpo_double_epochs_is_a_no_op_and_the_saved_config_reruns_the_same_run(
         raise Stop
 
     monkeypatch.setattr(online, "build_trainer", stop)
-    argv = EGPO + ["--alg", "eg", "--num_train_epochs", "2", "--egpo_double_epochs", "true"]
+    policy = str(build_tiny_policy(tmp_path / "policy", seed=0))  # train_egpo checks the model path first
+    argv = EGPO + ["--model_name_or_path", policy, "--alg", "eg", "--num_train_epochs", "2"]
+    argv += ["--egpo_double_epochs", "true"]
     with pytest.warns(FutureWarning, match="egpo_double_epochs is deprecated"):
         cfg = parse_config(OnlineConfig, argv + ["--output_dir", str(tmp_path / "a")])
     with pytest.raises(Stop):
