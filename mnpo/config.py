@@ -218,6 +218,10 @@ def check_training_length(args: Any) -> None:
             f"--num_train_epochs must be > 0, got {args.num_train_epochs} (0 epochs would save the untrained "
             "model as the result); set --num_train_epochs (e.g. 1) or --max_steps"
         )
+    # 0 would fail only when the first batch is drawn, after the models are loaded, with torch's own message.
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
 
 
 _NOT_A_POLICY = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")
