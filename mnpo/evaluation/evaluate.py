@@ -158,8 +158,8 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     check_model_path(config.baseline, "--baseline")
     for spec in config.judges:
         check_judge_path(*parse_judge_spec(spec), "--judges")
-    save_config(config, out)
     rows = load_prompts(config.prompts, config.prompt_split, config.num_prompts)
+    save_config(config, out)  # once the inputs are known good: a failed start leaves no output folder
     prompts = [r[PROMPT] for r in rows]
     names = list(config.model_names or [Path(m).name or m for m in config.models])
     if len(set(names)) != len(names):
