@@ -15,7 +15,10 @@ class ServeJudgeConfig:
         },
     )
     model_name_or_path: str = field(
-        default=None, metadata={"help": "judge model directory (or toy world dir for oracle)"}
+        default=None,
+        metadata={
+            "help": "judge model directory; for oracle a toy world dir (its oracle.json weights, if any) or 'toy'"
+        },
     )
     host: str = field(
         default="127.0.0.1", metadata={"help": "address to bind; 0.0.0.0 exposes the server to the network"}
