@@ -42,6 +42,7 @@ def generate_responses(model_path: str, prompts: list[Any], config: EvaluateConf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mnpo.data.chat import encode_prompt
+    from mnpo.generation.sampling import sampling_config, stop_token_ids
 
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
@@ -50,6 +51,15 @@ def generate_responses(model_path: str, prompts: list[Any], config: EvaluateConf
     except (OSError, ValueError) as exc:
         raise MnpoError(f"cannot load model '{model_path}' for evaluation: {exc}") from exc
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # Exactly softmax(logits / T) cut by top_p, no top-k: nothing taken from the model's generation_config.json
+    # except its stop tokens.
+    generation_config = sampling_config(
+        max_new_tokens=config.max_new_tokens,
+        pad_token_id=pad_id,
+        eos_token_id=stop_token_ids(model, tokenizer) or None,
+        temperature=config.temperature,
+        top_p=config.top_p,
+    )
     # Prompt + response stay inside the model's context (the default prompt budget is what it leaves).
     context = context_length(model.config, tokenizer)
     keep = prompt_budget(config.max_prompt_length, config.max_new_tokens, context, model_path)
@@ -61,18 +71,8 @@ def generate_responses(model_path: str, prompts: list[Any], config: EvaluateConf
         # Left padding: generation continues from the last real token of every row.
         input_ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in ids], device=device)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
-        sampling = config.temperature > 0
         with torch.no_grad():
-            gen = model.generate(
-                input_ids=input_ids,
-                attention_mask=mask,
-                max_new_tokens=config.max_new_tokens,
-                do_sample=sampling,
-                temperature=config.temperature if sampling else None,
-                top_p=config.top_p if sampling else None,
-                top_k=None if sampling else None,
-                pad_token_id=pad_id,
-            )
+            gen = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=generation_config)
         out += tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
     del model
     return [r.strip() for r in out]

@@ -7,9 +7,10 @@ import logging
 import os
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
 
 from mnpo.generation.backend import Completion, SamplingSettings
+from mnpo.generation.sampling import sampling_config, stop_token_ids
 from mnpo.generation.shards import derive_seed
 
 logger = logging.getLogger(__name__)
@@ -84,11 +85,7 @@ class HFBackend:
             trust_remote_code=trust_remote_code,
         ).to(self.device)
         self.model.eval()
-        eos = self.model.generation_config.eos_token_id
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
-        if self.tokenizer.eos_token_id is not None:
-            eos.append(self.tokenizer.eos_token_id)
-        self.eos_ids = sorted(set(eos))
+        self.eos_ids = stop_token_ids(self.model, self.tokenizer)
         if not self.eos_ids:
             logger.warning(
                 "%s defines no end-of-sequence token: every response runs to max_new_tokens", model_name_or_path
@@ -127,9 +124,10 @@ class HFBackend:
                 for i, k in batch
             ]
         ).to(self.device)
-        gen_config = GenerationConfig(
-            do_sample=False,
-            num_beams=1,
+        # Greedy `generate` around SeededSampler, which leaves only its sampled token finite; the config
+        # keeps the model's generation_config.json (e.g. a repetition penalty) from reshaping the logits first.
+        gen_config = sampling_config(
+            temperature=0.0,
             max_new_tokens=sampling.max_new_tokens,
             pad_token_id=self.pad_id,
             eos_token_id=self.eos_ids or None,

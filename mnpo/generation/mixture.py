@@ -3,7 +3,8 @@ batch of prompts, and the token-level geometric mixture pi_theta^{1-c} * pi_ref^
 
 The mixture is a logits processor that runs the reference model alongside the policy with its own KV
 cache. HF `generate` applies custom processors before temperature / top-k / top-p / min-p, so those
-warpers act on the (log-)mixture, and the final softmax renormalises it at every token.
+warpers act on the (log-)mixture, and the final softmax renormalises it at every token. The generation
+config is `sampling.sampling_config`: a knob that is off is off, whatever the model's own defaults.
 """
 
 from __future__ import annotations
@@ -125,18 +126,18 @@ def generate_completions(
         if ref_model is None:
             raise ValueError("a geometric-mixture sampler needs the reference model")
         processors.append(GeometricMixtureLogitsProcessor(ref_model, sampler.mixture_coef, mask))
-    from transformers import GenerationConfig, LogitsProcessorList
+    from transformers import LogitsProcessorList
 
-    config = GenerationConfig(
-        do_sample=True,
+    from mnpo.generation.sampling import sampling_config
+
+    config = sampling_config(
         max_new_tokens=max_new_tokens,
-        temperature=sampler.temperature,
-        top_k=sampler.top_k if sampler.top_k > 0 else None,
-        top_p=sampler.top_p if sampler.top_p < 1.0 else None,
-        min_p=sampler.min_p if sampler.min_p > 0.0 else None,
         pad_token_id=pad_id,
         eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
+        temperature=sampler.temperature,
+        top_k=sampler.top_k,
+        top_p=sampler.top_p,
+        min_p=sampler.min_p,
     )
     if generator_seed is not None:
         torch.manual_seed(generator_seed)
