@@ -127,8 +127,7 @@ def test_crash_midway_then_rerun_is_identical(world, reference_run, tmp_path, mo
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(hf_backend.HFBackend, "generate", flaky)
-    with pytest.raises(RuntimeError):
-        main(_decode_args(world, out, "--no_drop_identical"))
+    assert main(_decode_args(world, out, "--no_drop_identical")) == 1  # an unexpected error: exit 1, one line
     assert sorted(p.name for p in (out / "shards").glob("shard-*.jsonl")) == ["shard-00000.jsonl"]
     monkeypatch.setattr(hf_backend.HFBackend, "generate", real)
     assert main(_decode_args(world, out, "--no_drop_identical")) == 0
