@@ -9,6 +9,9 @@ handles chunks `shard_index, shard_index + num_shards, ...`. A chunk is finished
 and holds exactly the expected ids in order (files are renamed into place only when complete, so a
 killed run leaves either a whole shard or none). A rerun with the same arguments skips finished
 chunks; a rerun with different arguments into the same folder is refused (the fingerprint differs).
+The manifest is written with the first shard, not when the store opens: a run that fails before it
+produces anything (bad model path, tokenizer without chat template) leaves no resume state, so the
+corrected rerun into the same folder is not refused as "a run with different settings".
 Merging reads the chunks in order, so the merged output never depends on how many processes ran.
 """
 
@@ -81,10 +84,13 @@ class ShardStore:
         self.chunk_size = chunk_size
         self.fingerprint = fingerprint
         self.num_chunks = (len(ids) + chunk_size - 1) // chunk_size
+        self.manifest = {"fingerprint": fingerprint, "num_chunks": self.num_chunks, "chunk_size": chunk_size}
+        self._manifest_written = False
         self._open(overwrite)
 
     def _open(self, overwrite: bool) -> None:
-        manifest = {"fingerprint": self.fingerprint, "num_chunks": self.num_chunks, "chunk_size": self.chunk_size}
+        """Refuse a folder of another run's shards; writes nothing (see `write`)."""
+        manifest = self.manifest
         path = self.folder / MANIFEST
         if overwrite and self.folder.exists():
             shutil.rmtree(self.folder)
@@ -101,6 +107,7 @@ class ShardStore:
                     f"(manifest {path} does not match this run). Use a new --output_dir, or pass "
                     "--overwrite true to discard them."
                 )
+            self._manifest_written = True
         else:
             stray = sorted(self.folder.glob("shard-*.jsonl")) if self.folder.exists() else []
             if stray:
@@ -108,7 +115,6 @@ class ShardStore:
                     f"{self.folder} holds shard files but no {MANIFEST}, so their origin is unknown. "
                     "Use a new --output_dir, or pass --overwrite true to discard them."
                 )
-            write_json(path, manifest)
 
     def chunk_ids(self, chunk: int) -> list[str]:
         return self.ids[chunk * self.chunk_size : (chunk + 1) * self.chunk_size]
@@ -150,6 +156,9 @@ class ShardStore:
         ids = [r.get("prompt_id") for r in records]
         if ids != self.chunk_ids(chunk):  # a bug guard: a shard must hold its chunk, in order
             raise RuntimeError(f"shard {chunk}: records do not match the chunk's prompt ids")
+        if not self._manifest_written:  # before the first shard, so no shard is ever without one
+            write_json(self.folder / MANIFEST, self.manifest)
+            self._manifest_written = True
         write_jsonl(self.path(chunk), records)
 
     def all_done(self) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -167,6 +168,34 @@ def test_rerun_with_other_settings_is_refused(world, reference_run, tmp_path):
 
         decode(parse_config(DecodeConfig, _decode_args(world, out, "--limit", "4", "--seed", "8")[1:]))
     assert main(_decode_args(world, out, "--limit", "4", "--seed", "8", "--overwrite", "true")) == 0
+
+
+def _no_template(policy: Path, to: Path) -> Path:
+    shutil.copytree(policy, to)
+    (to / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((to / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (to / "tokenizer_config.json").write_text(json.dumps(config))
+    return to
+
+
+def _broken_weights(policy: Path, to: Path) -> Path:
+    shutil.copytree(policy, to)
+    (to / "model.safetensors").write_bytes(b"not a safetensors file")
+    return to
+
+
+@pytest.mark.parametrize("spoil", [_no_template, _broken_weights])
+def test_failed_start_leaves_no_resume_state(world, tmp_path, spoil):
+    """A run that fails before its first shard (tokenizer without chat template, unloadable weights)
+    writes no shard manifest, so the corrected rerun into the same folder is not refused."""
+    out = tmp_path / "out"
+    bad = spoil(world / "policy", tmp_path / "bad_policy")
+    argv = _decode_args(world, out, "--limit", "4")
+    assert main([*argv, "--model_name_or_path", str(bad)]) != 0
+    assert not (out / "shards" / "manifest.json").exists()
+    assert main(argv) == 0
+    assert len(_read(out / "responses.jsonl")) == 4
 
 
 @pytest.mark.parametrize(
