@@ -269,16 +269,37 @@ def _read_fp(path: Path) -> str | None:
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: str | os.PathLike) -> Iterator[None]:
-    """One pipeline process per run folder: two would race on the same partial outputs. The lock is
-    released by the kernel when the process dies, so a `kill -9` never leaves a stale lock."""
+def run_lock(run_dir: str | os.PathLike) -> Iterator[int]:
+    """One pipeline per run folder: two would race on the same partial outputs. Yields the lock's file
+    descriptor, which the pipeline passes to every stage it starts (runner.py): the lock is held until
+    the last process holding it exits, so a stage that outlives a killed pipeline still locks a rerun
+    out. The kernel drops it when they are all gone: a `kill -9` never leaves a stale lock."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "w") as f:
+    path = run_dir / ".lock"
+    with open(path, "w") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
+            holders = ", ".join(f"pid {pid} ({cmd})" for pid, cmd in _lock_holders(path)) or "another process"
             raise MnpoError(
-                f"{run_dir} is in use by another `mnpo pipeline` process; wait for it or use another output_dir"
+                f"{run_dir} is in use by another `mnpo pipeline` process or a stage it started: {holders}; "
+                "wait for it to finish or stop it, or use another output_dir"
             ) from exc
-        yield
+        yield f.fileno()
+
+
+def _lock_holders(path: Path) -> list[tuple[int, str]]:
+    """The processes with `path` open (Linux /proc; empty elsewhere), for the locked-out message."""
+    target = str(path.resolve())
+    holders = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        if int(proc.name) == os.getpid():
+            continue
+        try:
+            if any(os.readlink(fd) == target for fd in (proc / "fd").iterdir()):
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+                holders.append((int(proc.name), " ".join(a.decode(errors="replace") for a in argv if a)[:120]))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return sorted(holders)

@@ -14,13 +14,18 @@ Layout of a run folder (`output_dir`):
 Every stage but the report is a subprocess `python -m mnpo.cli <command> ...` (or under torchrun /
 accelerate launch), so decode can run from another environment (`decode_python`) and a crash in a
 stage never corrupts the driver's state. Resume rules are in mnpo/pipeline/manifest.py.
+
+A stage's processes die with the pipeline, however it ends (kill -9 included; Linux), and hold its run
+lock until the last of them is gone, so a rerun cannot race them: see mnpo/pipeline/guard.py.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -31,6 +36,7 @@ from typing import Any
 from mnpo.config import save_config
 from mnpo.errors import MnpoError
 from mnpo.pipeline.config import PipelineConfig, extra_flags
+from mnpo.pipeline.guard import GRACE_S
 from mnpo.pipeline.manifest import Manifest, Stage, library_versions, run_lock
 
 logger = logging.getLogger(__name__)
@@ -39,6 +45,37 @@ logger = logging.getLogger(__name__)
 # the only stage launched across nodes).
 DECODE, DATA_PARALLEL, TRAIN, SINGLE = "decode", "data_parallel", "train", "single"
 _NODE_RANK = "__MNPO_NODE_RANK__"  # replaced by each node's $SLURM_NODEID inside `srun bash -c`
+
+
+def _die_with_parent():
+    """A `preexec_fn` (runs in the child before exec): ask Linux to send the child SIGTERM when the
+    pipeline process dies, even by SIGKILL. SIGTERM, not SIGKILL, so the stage's guard can still stop
+    the processes it started. None where prctl does not exist."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None).prctl  # libc's, already loaded into this process
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the pipeline died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+def _wait(proc: subprocess.Popen) -> int:
+    """Wait for a stage process; if the pipeline is interrupted meanwhile (Ctrl-C), stop it first."""
+    try:
+        return proc.wait()
+    except BaseException:
+        proc.terminate()  # SIGTERM: the guard passes it on to the whole stage
+        try:
+            proc.wait(timeout=GRACE_S + 30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
 
 
 def _per_iteration(values: list, t: int):
@@ -64,8 +101,9 @@ class Paths:
 
 
 class Pipeline:
-    def __init__(self, config: PipelineConfig):
+    def __init__(self, config: PipelineConfig, lock_fd: int | None = None):
         self.config = config
+        self.lock_fd = lock_fd  # the run lock (manifest.run_lock), held by every stage's guard too
         self.out = Path(config.output_dir)
         self.world = Path(config.world_dir) if config.world_dir else self.out / "world"
         self.manifest = Manifest(self.out)
@@ -197,14 +235,28 @@ class Pipeline:
         with open(log, "a") as f:
             f.write(f"\n### {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
             f.flush()
-            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=self._env())
-        if proc.returncode != 0:
+            returncode = _wait(self._start(cmd, f, self._env()))
+        if returncode != 0:
             tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-25:])
             raise MnpoError(
-                f"stage {name} failed (exit code {proc.returncode}); full log: {log}\n--- last lines ---\n{tail}"
+                f"stage {name} failed (exit code {returncode}); full log: {log}\n--- last lines ---\n{tail}"
                 f"--- command ---\n{shlex.join(cmd)}\nFix the cause and rerun the same pipeline command: finished "
                 "stages are skipped."
             )
+
+    def _start(self, cmd: list[str], log, env: dict[str, str]) -> subprocess.Popen:
+        """Start a stage command under mnpo/pipeline/guard.py: it and everything it starts die with the
+        pipeline, and the guard holds the run lock until the last of them is gone."""
+        if sys.platform.startswith("linux"):
+            cmd = [sys.executable, "-m", "mnpo.pipeline.guard", *cmd]
+        return subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            pass_fds=() if self.lock_fd is None else (self.lock_fd,),
+            preexec_fn=_die_with_parent(),
+        )
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -447,12 +499,19 @@ class Pipeline:
                 str(replicas),
             ]
             f = open(log.with_suffix(f".{r}.log"), "a")
-            procs.append((subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env), f, cmd))
+            procs.append((self._start(cmd, f, env), f, cmd))
         failed = []
-        for proc, f, cmd in procs:
-            if proc.wait() != 0:
-                failed.append(shlex.join(cmd))
-            f.close()
+        try:
+            for proc, f, cmd in procs:
+                if _wait(proc) != 0:
+                    failed.append(shlex.join(cmd))
+                f.close()
+        except BaseException:
+            for proc, f, _ in procs:  # interrupted: stop the other replicas too
+                proc.terminate()
+                proc.wait()
+                f.close()
+            raise
         if failed:
             raise MnpoError(
                 f"stage {name}: {len(failed)} decode replica(s) failed; logs: {log.with_suffix('.*.log')}\n"
@@ -680,5 +739,5 @@ def run_pipeline(config: PipelineConfig) -> None:
     """CLI handler of `mnpo pipeline`."""
     logging.getLogger("mnpo.pipeline").setLevel(logging.WARNING)  # one [pipeline] line per stage instead
     out = Path(config.output_dir)
-    with run_lock(out):
-        Pipeline(config).run()
+    with run_lock(out) as lock_fd:
+        Pipeline(config, lock_fd).run()

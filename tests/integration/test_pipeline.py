@@ -179,6 +179,72 @@ def test_kill_minus_9_then_rerun_gives_the_same_artifacts(reference_run, toy_wor
     assert _final_artifacts(out) == _final_artifacts(reference_run)
 
 
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a killed pipeline's orphan is reaped by init, maybe late)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _descendants(pid: int, command: str) -> list[int]:
+    """The processes below `pid` whose command line mentions `command`."""
+    found = []
+    try:
+        children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+    for child in children:
+        try:
+            if command.encode() in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.append(child)
+        except OSError:
+            continue
+        found += _descendants(child, command)
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux")
+def test_kill_minus_9_of_the_pipeline_alone_stops_its_stage(reference_run, toy_world, small_world, tmp_path):
+    """SIGKILL to the pipeline process only (not its process group): its train stage exits at once
+    instead of training on into the partial folder that the rerun starts again, and the rerun of that
+    stage trains the same model as the uninterrupted run."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "mnpo.cli", "pipeline", *_argv(toy_world, small_world, out)]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    stage: list[int] = []
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None and not stage:
+            if (out / "iter1" / ".model.partial").is_dir():
+                stage = _descendants(proc.pid, "train-mnpo")
+            time.sleep(0.1)
+        assert stage, "the run ended before iter1/train started"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        killed = time.time()
+        while time.time() < killed + 300 and any(_running(pid) for pid in stage):
+            time.sleep(0.1)
+        gone_after = time.time() - killed
+    finally:
+        for pid in stage:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    # An orphaned stage would have trained on and saved its model into the partial folder.
+    assert not (out / "iter1" / ".model.partial" / "model.safetensors").exists(), "the stage outlived the pipeline"
+    assert gone_after < 15, f"the stage took {gone_after:.1f} s to stop"
+    done = _run(_argv(toy_world, small_world, out, "--stage", "iter1/train"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "manifest.json").read_text())["stages"]["iter1/train"]["status"] == "done"
+    model = "iter1/model/model.safetensors"
+    assert sha256_tree(out / model) == sha256_tree(reference_run / model)
+
+
 def test_plan_wires_history_for_every_mode(tmp_path):
     def plan(*argv):
         cfg = parse_config(
