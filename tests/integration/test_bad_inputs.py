@@ -188,7 +188,6 @@ CASES = [
         no_chat_template,
         fix=f"{DECODE} --model_name_or_path {W}/policy --output_dir {T}/out",
         leaves=("out", "out/shards", "out/shards/*"),
-        xfail="issue 11 item 9: a failed decode start leaves a shard manifest that refuses the corrected rerun",
     ),
     Case(
         "decode-batch-size-0",
