@@ -7,7 +7,8 @@ Distributed stages are started by the launcher, which runs this module:
 
 Errors (the same on every rank of a distributed launch): a user mistake (`MnpoError`, a bad flag) prints
 one line `mnpo <command>: error: <what and how to fix it>` and exits 2; any other exception prints one
-line with its type and exits 1. `mnpo --debug <command> ...` or MNPO_DEBUG=1 adds the traceback.
+line with its type and exits 1. `mnpo --debug <command> ...` or MNPO_DEBUG=1 adds the traceback (the
+flag sets MNPO_DEBUG=1, so the stages a pipeline starts show theirs too).
 """
 
 from __future__ import annotations
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = _debug_requested(os.environ)
     while argv and argv[0] == "--debug":
         debug, argv = True, argv[1:]
+        os.environ[DEBUG_ENV] = "1"  # inherited by what this command starts: pipeline stages, launcher ranks
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
