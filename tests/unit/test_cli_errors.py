@@ -46,7 +46,7 @@ def test_unexpected_exception_is_one_line_exit_1_with_the_debug_hint(monkeypatch
 @pytest.mark.parametrize("how", ["flag", "env"])
 @pytest.mark.parametrize("exc, status", [(ZeroDivisionError("boom"), 1), (MnpoError("bad input"), 2)])
 def test_debug_switch_shows_the_traceback(monkeypatch, tmp_path, capsys, how, exc, status):
-    monkeypatch.delenv("MNPO_DEBUG", raising=False)
+    monkeypatch.setenv("MNPO_DEBUG", "")  # off; and restored after the test, whatever main() sets
     monkeypatch.setattr(split_module, "split_dataset", _raise(exc))
     argv = _split_argv(tmp_path)
     if how == "flag":
@@ -54,6 +54,7 @@ def test_debug_switch_shows_the_traceback(monkeypatch, tmp_path, capsys, how, ex
     else:
         monkeypatch.setenv("MNPO_DEBUG", "1")
     assert main(argv) == status
+    assert os.environ["MNPO_DEBUG"] == "1"  # what the command starts (pipeline stages) inherits the switch
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and f"{type(exc).__name__}: " in err
     assert err.splitlines()[-1].startswith("mnpo split: error: ")  # the one line still comes last
