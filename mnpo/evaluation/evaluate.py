@@ -39,15 +39,15 @@ def load_prompts(source: str, split: str, limit: int = 0) -> list[dict[str, Any]
 def generate_responses(model_path: str, prompts: list[Any], config: EvaluateConfig) -> list[str]:
     """One response per prompt; the seed is reset per model so every model sees the same noise."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mnpo.data.chat import encode_prompt
     from mnpo.generation.sampling import sampling_config, stop_token_ids
+    from mnpo.models import load_causal_lm, load_tokenizer
 
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, config.dtype)).to(device).eval()
+        tokenizer = load_tokenizer(model_path)  # an adapter folder: its base's tokenizer unless it has one
+        model = load_causal_lm(model_path, dtype=getattr(torch, config.dtype)).to(device).eval()
     except (OSError, ValueError) as exc:
         raise MnpoError(f"cannot load model '{model_path}' for evaluation: {exc}") from exc
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

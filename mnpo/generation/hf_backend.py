@@ -7,11 +7,12 @@ import logging
 import os
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from mnpo.generation.backend import Completion, SamplingSettings
 from mnpo.generation.sampling import sampling_config, stop_token_ids
 from mnpo.generation.shards import derive_seed
+from mnpo.models import load_causal_lm, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +78,9 @@ class HFBackend:
     ):
         self.device = default_device(device)
         self.batch_size = batch_size
-        self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
-        self.model = AutoModelForCausalLM.from_pretrained(
+        # A PEFT adapter folder loads as its base with the adapter merged in (mnpo.models).
+        self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code)
+        self.model = load_causal_lm(
             model_name_or_path,
             dtype=resolve_dtype(dtype, self.device),
             attn_implementation=attn_implementation,

@@ -16,6 +16,7 @@ from typing import Any
 
 from mnpo.errors import MnpoError, require_extra
 from mnpo.generation.backend import Completion, SamplingSettings
+from mnpo.models import refuse_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class VLLMBackend:
         enforce_eager: bool = False,
         trust_remote_code: bool = False,
     ):
+        refuse_adapter(model_name_or_path, "the vLLM backend")
         _pin_local_gpus(tensor_parallel_size)
         vllm = import_vllm()
         self._vllm = vllm

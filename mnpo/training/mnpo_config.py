@@ -78,6 +78,12 @@ class MNPOConfig(TrainingArguments):
         default_factory=lambda: ["all-linear"],
         metadata={"help": "module names LoRA wraps ('all-linear' = every linear)"},
     )
+    save_adapter: bool = field(
+        default=False,
+        metadata={
+            "help": "with use_peft: also keep the LoRA adapter in output_dir/adapter (output_dir holds the merged model)"
+        },
+    )
     # Paper recipe defaults (TrainingArguments' own are for fine-tuning from scratch).
     learning_rate: float = field(default=5e-7, metadata={"help": "AdamW learning rate (paper: 5e-7)"})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "learning-rate schedule (paper: cosine)"})

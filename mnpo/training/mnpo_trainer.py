@@ -157,42 +157,34 @@ def prepare_dataset(config: MNPOConfig, tokenizer: Any):
     return ds
 
 
-def _load_model(config: MNPOConfig):
-    from transformers import AutoModelForCausalLM
-
+def _load_kwargs(config: MNPOConfig) -> dict[str, Any]:
     dtype = torch.float32 if config.model_dtype == "auto" else getattr(torch, config.model_dtype)
+    return {"dtype": dtype, "attn_implementation": config.attn_implementation}
+
+
+def _load_model(config: MNPOConfig):
+    from mnpo.models import add_lora, load_causal_lm
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            config.model_name_or_path, dtype=dtype, attn_implementation=config.attn_implementation
-        )
+        # An adapter folder comes back merged: full training, or a fresh LoRA on top, both start from pi_t.
+        model = load_causal_lm(config.model_name_or_path, **_load_kwargs(config))
     except OSError as exc:
         raise MnpoError(f"could not load the policy {config.model_name_or_path}: {exc}") from exc
     if config.use_peft:
-        from peft import LoraConfig, get_peft_model
-
-        targets = config.lora_target_modules
-        lora = LoraConfig(
-            r=config.lora_r,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            target_modules=targets[0] if targets == ["all-linear"] else targets,
-            task_type="CAUSAL_LM",
-        )
         if config.gradient_checkpointing or getattr(config, "activation_checkpointing", False):
             model.enable_input_require_grads()  # checkpointed LoRA needs grads flowing from the frozen embeddings
-        model = get_peft_model(model, lora)
+        model = add_lora(model, config, config.model_name_or_path)
     return model
 
 
 def train_mnpo(config: MNPOConfig) -> Path:
     """CLI handler: load policy and precomputed data, train one epoch, save model, tokenizer and config."""
-    from transformers import AutoTokenizer
-
     from mnpo.config import model_context, resolve_pair_lengths, save_config
+    from mnpo.models import load_tokenizer, save_trained_policy
 
     check_model_path(config.model_name_or_path, "--model_name_or_path")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(config.model_name_or_path)
+        tokenizer = load_tokenizer(config.model_name_or_path)
     except OSError as exc:
         raise MnpoError(f"could not load the tokenizer of {config.model_name_or_path}: {exc}") from exc
     if tokenizer.chat_template is None:
@@ -216,7 +208,8 @@ def train_mnpo(config: MNPOConfig) -> Path:
     check_vocab(model, max_token_id, config.model_name_or_path, "--model_name_or_path", f"--dataset {config.dataset}")
     trainer = MNPOTrainer(model, config, dataset, num_history, processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    trainer.save_model(config.output_dir)
+    # With LoRA: the merged model, so output_dir is exactly the trained policy (adapter kept on request).
+    save_trained_policy(trainer, config.output_dir, config.use_peft, config.save_adapter, **_load_kwargs(config))
     trainer.save_state()  # trainer_state.json: the logged curve, for reports
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(config.output_dir)

@@ -133,6 +133,12 @@ class OnlineConfig(TrainingArguments):
     lora_target_modules: list[str] = field(
         default=None, metadata={"help": "LoRA target modules (default: all linear layers)"}
     )
+    save_adapter: bool = field(
+        default=False,
+        metadata={
+            "help": "with use_peft: also keep the LoRA adapter in output_dir/adapter (output_dir holds the merged model)"
+        },
+    )
     model_dtype: str = field(default="auto", metadata={"help": "policy dtype when loading: auto, float32, bfloat16"})
     attn_implementation: str = field(
         default="sdpa", metadata={"help": "attention kernel: sdpa, eager, flash_attention_2"}

@@ -542,41 +542,30 @@ def _dtype(name: str):
     return "auto" if name == "auto" else getattr(torch, name)
 
 
-def build_trainer(cfg) -> OnlineNLHFTrainer:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_kwargs(cfg) -> dict[str, Any]:
+    return {"dtype": _dtype(cfg.model_dtype), "attn_implementation": cfg.attn_implementation}
 
+
+def build_trainer(cfg) -> OnlineNLHFTrainer:
     from mnpo.config import model_context, prompt_budget
     from mnpo.judges import load_judge
+    from mnpo.models import add_lora, load_causal_lm, load_tokenizer, refuse_adapter
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
+    if cfg.generation_backend == "vllm":
+        refuse_adapter(cfg.model_name_or_path, "the colocated vLLM sampler")
+    tokenizer = load_tokenizer(cfg.model_name_or_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     # Prompt + completion stay inside the policy's context (the default prompt budget is what it leaves).
     context = model_context(cfg.model_name_or_path, tokenizer)
     cfg.max_prompt_length = prompt_budget(cfg.max_prompt_length, cfg.max_new_tokens, context, cfg.model_name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(
-        cfg.model_name_or_path, dtype=_dtype(cfg.model_dtype), attn_implementation=cfg.attn_implementation
-    )
+    # An adapter folder comes back merged: full training, or a fresh LoRA on top, both start from pi_t.
+    model = load_causal_lm(cfg.model_name_or_path, **_load_kwargs(cfg))
     ref_model = None
     if cfg.use_peft:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=cfg.lora_r,
-                lora_alpha=cfg.lora_alpha,
-                lora_dropout=cfg.lora_dropout,
-                target_modules=cfg.lora_target_modules or "all-linear",
-                task_type="CAUSAL_LM",
-            ),
-        )
+        model = add_lora(model, cfg, cfg.model_name_or_path)
     if not cfg.use_peft or (cfg.alg in ("nmd", "nmdpg") and cfg.ref_model_name_or_path):
-        ref_model = AutoModelForCausalLM.from_pretrained(
-            cfg.ref_model_name_or_path or cfg.model_name_or_path,
-            dtype=_dtype(cfg.model_dtype),
-            attn_implementation=cfg.attn_implementation,
-        )
+        ref_model = load_causal_lm(cfg.ref_model_name_or_path or cfg.model_name_or_path, **_load_kwargs(cfg))
     elif cfg.alg in ("nmd", "nmdpg"):
         raise MnpoError(
             "alg=nmd/nmdpg with use_peft needs ref_model_name_or_path: the geometric mixture runs the "
@@ -606,6 +595,7 @@ def train_egpo(cfg) -> OnlineNLHFTrainer:
     from transformers.trainer_utils import get_last_checkpoint
 
     from mnpo.config import save_config
+    from mnpo.models import save_trained_policy
 
     check_model_path(cfg.model_name_or_path, "--model_name_or_path")
     check_model_path(cfg.ref_model_name_or_path, "--ref_model_name_or_path")
@@ -620,7 +610,8 @@ def train_egpo(cfg) -> OnlineNLHFTrainer:
     if cfg.resume_from_checkpoint is None and last is not None:
         logger.info("resuming from %s", last)
     trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint or last)
-    trainer.save_model(cfg.output_dir)
+    # With LoRA: the merged model, so output_dir is exactly the trained policy (adapter kept on request).
+    save_trained_policy(trainer, cfg.output_dir, cfg.use_peft, cfg.save_adapter, **_load_kwargs(cfg))
     trainer.save_state()  # trainer_state.json: the logged curve, for reports
     return trainer
 

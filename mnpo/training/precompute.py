@@ -88,8 +88,10 @@ class PrecomputeConfig:
 
 
 def model_fingerprint(path: str) -> str:
-    """Cheap identity of a model: local files' names, sizes and mtimes (a Hub id is its own identity)."""
+    """Cheap identity of a model: local files' names, sizes and mtimes (a Hub id is its own identity);
+    an adapter folder's includes its base's."""
     from mnpo.io import sha256_bytes
+    from mnpo.models import adapter_base
 
     p = Path(path)
     if not p.exists():
@@ -97,6 +99,9 @@ def model_fingerprint(path: str) -> str:
     entries = sorted(
         f"{q.relative_to(p)}:{q.stat().st_size}:{q.stat().st_mtime_ns}" for q in p.rglob("*") if q.is_file()
     )
+    base = adapter_base(p)
+    if base is not None:
+        entries.append(f"base:{model_fingerprint(base)}")
     return sha256_bytes("\n".join(entries).encode())
 
 
@@ -127,10 +132,11 @@ def _zero3_config():
 
 def _load_model(path: str, config: PrecomputeConfig, device):
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from mnpo.models import load_causal_lm
 
     zero3 = _zero3_config()
-    model = AutoModelForCausalLM.from_pretrained(
+    model = load_causal_lm(
         path, dtype=_torch_dtype(config.dtype, device.type), attn_implementation=config.attn_implementation
     )
     model.eval()
@@ -260,7 +266,6 @@ def precompute_logps(config: PrecomputeConfig) -> Path:
     """Add reference/history log-prob columns to a preference dataset (see the module docstring)."""
     import torch
     from accelerate import PartialState
-    from transformers import AutoTokenizer
 
     from mnpo.config import model_context, resolve_pair_lengths, save_config
     from mnpo.data import columns as C
@@ -273,6 +278,7 @@ def precompute_logps(config: PrecomputeConfig) -> Path:
         tokenize_pair,
     )
     from mnpo.io import load_records, require_columns, sha256_bytes, write_json
+    from mnpo.models import load_tokenizer
 
     # cpu=True lets torchrun/accelerate start a gloo group on machines without a GPU (else: one process).
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -286,7 +292,7 @@ def precompute_logps(config: PrecomputeConfig) -> Path:
     require_columns(rows, [C.PROMPT, C.CHOSEN, C.REJECTED], config.dataset)
     tok_path = config.tokenizer_name_or_path or config.ref_model
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tok_path)
+        tokenizer = load_tokenizer(tok_path)
     except OSError as exc:
         raise MnpoError(f"could not load the tokenizer from {tok_path}: {exc}") from exc
     if tokenizer.chat_template is None:
