@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from mnpo.data.validate import checked_columns, row_problem
 from mnpo.errors import MnpoError
 
 _UMASK = os.umask(0o022)
@@ -76,8 +77,29 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
                 raise MnpoError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
             if not isinstance(record, dict):
                 raise MnpoError(f"{path}:{lineno}: expected a JSON object per line, got {type(record).__name__}")
+            problem = row_problem(record)
+            if problem:
+                raise MnpoError(f"{path} line {lineno}: {problem}")
             records.append(record)
     return records
+
+
+def check_rows(rows: Iterable[dict[str, Any]], source: str) -> None:
+    """Refuse the first row with a bad number or a pair that disagrees with its prompt (mnpo.data.validate).
+
+    For sources without lines (a JSON list, parquet, a saved or Hub dataset): rows count from 1.
+    """
+    for i, row in enumerate(rows, start=1):
+        problem = row_problem(row)
+        if problem:
+            raise MnpoError(f"{source} row {i}: {problem}")
+
+
+def check_dataset(ds: Any, source: str) -> None:
+    """`check_rows` on a `datasets.Dataset`, reading only the checked columns (not the token ids)."""
+    columns = checked_columns(ds.column_names)
+    if columns:
+        check_rows(ds.select_columns(columns).to_list(), source)
 
 
 def _read_json(path: Path) -> list[dict[str, Any]]:
@@ -94,6 +116,7 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
         data = data["data"]
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise MnpoError(f"{path}: expected a JSON list of objects (or JSON lines)")
+    check_rows(data, str(path))
     return data
 
 
@@ -106,7 +129,9 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
     if suffix == ".parquet":
         from datasets import load_dataset
 
-        return load_dataset("parquet", data_files=str(path), split="train").to_list()
+        ds = load_dataset("parquet", data_files=str(path), split="train")
+        check_dataset(ds, str(path))
+        return ds.to_list()
     raise MnpoError(f"{path}: unsupported file type '{suffix}'; use .jsonl, .json or .parquet")
 
 
@@ -133,7 +158,10 @@ def load_splits(source: str | os.PathLike, split: str | None = None) -> dict[str
         from datasets import DatasetDict, load_from_disk
 
         ds = load_from_disk(str(path))
-        splits = {k: v.to_list() for k, v in ds.items()} if isinstance(ds, DatasetDict) else {"train": ds.to_list()}
+        parts = ds if isinstance(ds, DatasetDict) else {"train": ds}
+        for name, part in parts.items():
+            check_dataset(part, f"{path} [split {name}]" if isinstance(ds, DatasetDict) else str(path))
+        splits = {k: v.to_list() for k, v in parts.items()}
     elif path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in _SPLIT_SUFFIXES and p.is_file())
         if not files:
@@ -151,6 +179,8 @@ def load_splits(source: str | os.PathLike, split: str | None = None) -> dict[str
                 f"could not load dataset '{source}' from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
                 "Check the id, your network / HF_HUB_OFFLINE setting, or pass a local file or folder."
             ) from exc
+        for name, part in ds.items():
+            check_dataset(part, f"{source} [split {name}]")
         splits = {k: v.to_list() for k, v in ds.items()}
     if split is not None:
         if split not in splits:

@@ -33,6 +33,7 @@ from mnpo.errors import MnpoError, check_model_path, check_vocab
 from mnpo.training.logprobs import per_token_logps, reduce_logps
 from mnpo.training.losses import mnpo_loss
 from mnpo.training.mnpo_config import MNPOConfig
+from mnpo.training.nonfinite import NonFiniteGuard
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class MNPOTrainer(Trainer):
             pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         kwargs.setdefault("data_collator", MNPOCollator(pad_id, num_history))
         super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
+        self.add_callback(NonFiniteGuard())  # a diverged run stops before its result is saved
         # Our loss is already a mean over pairs; let the Trainer divide by gradient-accumulation steps.
         self.model_accepts_loss_kwargs = False
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
@@ -100,13 +102,14 @@ class MNPOTrainer(Trainer):
 def _load_dataset(config: MNPOConfig):
     from datasets import Dataset, load_from_disk
 
-    from mnpo.io import is_saved_dataset, load_records, require_columns
+    from mnpo.io import check_dataset, is_saved_dataset, load_records, require_columns
 
     path = Path(config.dataset)
     if is_saved_dataset(path) and config.dataset_split is None:
         ds = load_from_disk(str(path))
         if not isinstance(ds, Dataset):
             ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
+        check_dataset(ds, config.dataset)  # finite log-probs, pairs that continue their prompt
     else:
         rows = load_records(config.dataset, config.dataset_split)
         require_columns(rows, [C.REFERENCE_CHOSEN_LOGPS, C.REFERENCE_REJECTED_LOGPS], config.dataset)

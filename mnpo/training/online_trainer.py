@@ -35,6 +35,7 @@ from mnpo.generation.mixture import SamplerSettings, completion_mask, generate_c
 from mnpo.training.extragradient import ParameterSnapshot, optimizer_chain
 from mnpo.training.logprobs import per_token_logps, reduce_logps
 from mnpo.training.losses import nash_md_pg_loss, online_ipo_loss, online_ipo_target
+from mnpo.training.nonfinite import NonFiniteGuard, check_finite_gradients
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +184,7 @@ class OnlineNLHFTrainer(Trainer):
 
     def __init__(self, *args, ref_model: Any | None = None, judge: Any = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.add_callback(NonFiniteGuard())  # a diverged run stops before its result is saved
         cfg = self.args
         self.ref_model = ref_model
         if ref_model is not None:
@@ -468,6 +470,8 @@ class OnlineNLHFTrainer(Trainer):
         self._average_gradients()
         if self.args.max_grad_norm:
             self.accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
+        # This step bypasses the Trainer's loop and so NonFiniteGuard: check it here.
+        check_finite_gradients(self._trainable(), self.state.global_step + 1, self.args.device, " (half step)")
         self.optimizer.step()
         if self.args.egpo_schedule_counts_both_steps:
             self.lr_scheduler.step()  # a no-op under DeepSpeed, whose backward stepped it already

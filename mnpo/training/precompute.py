@@ -236,6 +236,19 @@ def _gather(out: dict[int, float], n: int) -> list[float]:
     return [merged[i] for i in range(n)]
 
 
+def _check_finite(values: list[float], n: int, prefix: str, path: str, config: PrecomputeConfig) -> None:
+    """Refuse to write a NaN/inf log-prob (e.g. a float16 overflow): train-mnpo would refuse the file."""
+    from mnpo.io import is_finite_number
+
+    bad = next((i for i, v in enumerate(values) if not is_finite_number(v)), None)
+    if bad is not None:
+        member = "chosen" if bad < n else "rejected"
+        raise MnpoError(
+            f"{prefix} model {path} gave the {member} response of {config.dataset} row {bad % n + 1} a non-finite "
+            f"log-prob ({values[bad]}); nothing was written. Score in float32 (--dtype float32) or check the model"
+        )
+
+
 def _barrier():
     import torch.distributed as dist
 
@@ -338,6 +351,7 @@ def precompute_logps(config: PrecomputeConfig) -> Path:
                 rank=state.process_index, world_size=state.num_processes,
             )  # fmt: skip
             values = _gather(out, 2 * n)
+            _check_finite(values, n, prefix, path, config)  # before caching: a NaN log-prob trains a NaN model
             del model, engine  # one model in memory at a time
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

@@ -280,12 +280,12 @@ def test_identical_after_truncation_is_dropped(world, tmp_path):
     assert json.loads((out / "stats.json").read_text())["pairs"]["reward_model"]["identical"] == 1
 
 
-def test_reselect_from_dataset_scores_with_nan(tmp_path):
-    # No model: the dataset's own all_rm_scores pick the pairs (iteration 1 keeps its labels).
+def test_reselect_from_dataset_scores_with_nan(tmp_path, capsys):
+    # No model: the dataset's own all_rm_scores pick the pairs (iteration 1 keeps its labels); null = unscored.
     data = tmp_path / "prefs.jsonl"
     data.write_text(
-        '{"prompt_id": "a", "prompt": "Hi", "all_generated_responses": ["x", "y", "z"], "all_rm_scores": [NaN, 1.0, 0.0]}\n'
-        '{"prompt_id": "b", "prompt": "Yo", "all_generated_responses": ["x", "y"], "all_rm_scores": [Infinity, 2.0]}\n'
+        '{"prompt_id": "a", "prompt": "Hi", "all_generated_responses": ["x", "y", "z"], "all_rm_scores": [null, 1.0, 0.0]}\n'
+        '{"prompt_id": "b", "prompt": "Yo", "all_generated_responses": ["x", "y"], "all_rm_scores": [null, 2.0]}\n'
         '{"prompt_id": "c", "prompt": "Ho", "all_generated_responses": ["x", "y"], "all_rm_scores": [0.5, 0.5]}\n'
     )
     out = tmp_path / "o"
@@ -298,6 +298,10 @@ def test_reselect_from_dataset_scores_with_nan(tmp_path):
     assert stats["pairs"]["dataset"]["fewer_than_two_scored"] == 1 and stats["pairs"]["dataset"]["tie"] == 1
     for v in stats["pairs"]["dataset"].values():
         assert not (isinstance(v, float) and math.isnan(v))
+    # A NaN / inf score in the file is refused, naming line and column, not silently dropped.
+    data.write_text(data.read_text().replace("[null, 2.0]", "[Infinity, 2.0]"))
+    assert main(["annotate", "--dataset", str(data), "--output_dir", str(tmp_path / "o2")]) == 2
+    assert f"{data} line 2: column 'all_rm_scores'[0] is inf, not a finite number" in capsys.readouterr().err
 
 
 def test_rm_producing_nan_is_counted(world, responses_file, tmp_path, monkeypatch):

@@ -178,7 +178,7 @@ def test_bad_rows_are_named(world, tmp_path):
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "x", "chosen": [{"role": "user", "content": "x"}], "rejected": "y"}) + "\n")
-    with pytest.raises(MnpoError, match="row 0"):
+    with pytest.raises(MnpoError, match="bad.jsonl line 1: column 'chosen' must end with the assistant reply"):
         precompute_logps(_config({**world, "pairs": bad}, tmp_path / "out"))
 
 
