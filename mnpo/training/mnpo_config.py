@@ -91,6 +91,13 @@ class MNPOConfig(TrainingArguments):
     num_train_epochs: float = field(default=1.0, metadata={"help": "epochs (paper: 1 per iteration)"})
     logging_steps: float = field(default=10, metadata={"help": "log every N steps"})
     save_strategy: str = field(default="no", metadata={"help": "checkpointing: no | steps | epoch"})
+    resume_from_checkpoint: str = field(
+        default=None,
+        metadata={
+            "help": "true: resume from the newest complete output_dir/checkpoint-N (error if none); auto: the same, "
+            "or start fresh if none; false: start fresh; or the path of a checkpoint folder"
+        },
+    )
 
     def __post_init__(self):
         if not self.model_name_or_path:

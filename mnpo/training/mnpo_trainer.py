@@ -184,6 +184,7 @@ def train_mnpo(config: MNPOConfig) -> Path:
     """CLI handler: load policy and precomputed data, train one epoch, save model, tokenizer and config."""
     from mnpo.config import model_context, resolve_pair_lengths, save_config
     from mnpo.models import load_tokenizer, save_trained_policy
+    from mnpo.training.checkpoints import resolve_resume_checkpoint
 
     check_model_path(config.model_name_or_path, "--model_name_or_path")
     try:
@@ -210,7 +211,7 @@ def train_mnpo(config: MNPOConfig) -> Path:
     max_token_id = max((max(s, default=0) for s in ids), default=0)
     check_vocab(model, max_token_id, config.model_name_or_path, "--model_name_or_path", f"--dataset {config.dataset}")
     trainer = MNPOTrainer(model, config, dataset, num_history, processing_class=tokenizer)
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(config.output_dir, config.resume_from_checkpoint))
     # With LoRA: the merged model, so output_dir is exactly the trained policy (adapter kept on request).
     save_trained_policy(trainer, config.output_dir, config.use_peft, config.save_adapter, **_load_kwargs(config))
     trainer.save_state()  # trainer_state.json: the logged curve, for reports

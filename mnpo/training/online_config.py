@@ -147,6 +147,13 @@ class OnlineConfig(TrainingArguments):
         default=50,
         metadata={"help": "every N steps write sample completions to output_dir/samples.jsonl and the log (0 = never)"},
     )
+    resume_from_checkpoint: str = field(
+        default="auto",
+        metadata={
+            "help": "auto: resume from the newest complete output_dir/checkpoint-N, or start fresh if none; true: "
+            "the same but an error if none; false: start fresh; or the path of a checkpoint folder"
+        },
+    )
 
     def __post_init__(self):
         if self.remove_unused_columns:

@@ -596,10 +596,9 @@ def build_trainer(cfg) -> OnlineNLHFTrainer:
 
 def train_egpo(cfg) -> OnlineNLHFTrainer:
     """Handler of `mnpo train-egpo`: build, train (resuming from the last checkpoint if any), save."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     from mnpo.config import save_config
     from mnpo.models import save_trained_policy
+    from mnpo.training.checkpoints import resolve_resume_checkpoint
 
     check_model_path(cfg.model_name_or_path, "--model_name_or_path")
     check_model_path(cfg.ref_model_name_or_path, "--ref_model_name_or_path")
@@ -610,10 +609,8 @@ def train_egpo(cfg) -> OnlineNLHFTrainer:
         )
     save_config(cfg, cfg.output_dir, "train_egpo_config.yaml")
     trainer = build_trainer(cfg)
-    last = get_last_checkpoint(cfg.output_dir) if Path(cfg.output_dir).is_dir() else None
-    if cfg.resume_from_checkpoint is None and last is not None:
-        logger.info("resuming from %s", last)
-    trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint or last)
+    # Default "auto": a rerun of a killed run resumes from its newest complete checkpoint.
+    trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint))
     # With LoRA: the merged model, so output_dir is exactly the trained policy (adapter kept on request).
     save_trained_policy(trainer, cfg.output_dir, cfg.use_peft, cfg.save_adapter, **_load_kwargs(cfg))
     trainer.save_state()  # trainer_state.json: the logged curve, for reports
