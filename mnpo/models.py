@@ -70,8 +70,9 @@ def load_causal_lm(name_or_path: str | Path, **kwargs: Any):
 @contextlib.contextmanager
 def _without_zero3_init():
     """Load full weights even under a live ZeRO-3 config: merging needs them, and from_pretrained would
-    otherwise partition them with collectives (a hang when only the main process merges at save).
-    DeepSpeed partitions the merged model when the Trainer prepares it."""
+    otherwise partition them with collectives that the other ranks never join when only the main process
+    merges at save (gloo: connection reset; NCCL: a hang). DeepSpeed partitions a merged model loaded
+    for training when the Trainer prepares it."""
     from transformers.integrations import deepspeed as hf_deepspeed
 
     ref = hf_deepspeed._hf_deepspeed_config_weak_ref

@@ -275,3 +275,28 @@ def test_vllm_backend_refuses_an_adapter_folder(world):
 
     with pytest.raises(MnpoError, match="PEFT adapter folder"):
         VLLMBackend(str(world["adapter"]))
+
+
+@pytest.mark.slow
+def test_zero3_lora_run_saves_the_merged_model(world, tmp_path):
+    """ZeRO-3 on 2 gloo ranks (CPU): the Trainer gathers the partitioned adapter, the main process merges it
+    into full base weights (a from_pretrained under the live ZeRO-3 config would partition and hang)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("deepspeed")
+    ds = tmp_path / "zero3.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                              "zero_optimization": {"stage": 3}}))  # fmt: skip
+    out = tmp_path / "out"
+    argv = _train_argv(world, world["policy"], out, *LORA, "--save_adapter", "true", "--use_cpu", "true",
+                       "--deepspeed", str(ds), "--per_device_train_batch_size", "2")  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mnpo.cli"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd + argv, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (out / "adapter_config.json").exists()
+    base, merged, delta = _weights(world["policy"]), _weights(out), _lora_deltas(out / "adapter")
+    assert max(d.abs().max() for d in delta.values()) > 1e-3
+    for name, w in base.items():
+        torch.testing.assert_close(merged[name], w + delta.get(name, 0.0), atol=1e-6, rtol=0)
