@@ -18,6 +18,7 @@ import logging
 import sys
 from dataclasses import dataclass
 
+from mnpo.distributed import shutdown
 from mnpo.errors import MnpoError, check_output_dir
 
 
@@ -172,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # not a user mistake we know: still one line, but a distinct exit status
         hint = f"rerun with `mnpo --debug {name} ...` or {DEBUG_ENV}=1 for the traceback"
         return _report(name, f"{type(exc).__name__}: {exc} ({hint})", exc, debug, 1)
+    finally:
+        shutdown()  # a process group left alive aborts the exit (mnpo/distributed.py)
     return 0
 
 

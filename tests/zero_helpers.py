@@ -55,7 +55,8 @@ result = {
 }
 with open(f"{cfg.output_dir}/zero{dist.get_rank()}.json", "w") as f:
     json.dump(result, f)
-dist.destroy_process_group()
+from mnpo.distributed import shutdown
+shutdown()  # what `mnpo train-egpo` does at the end: no gloo thread outlives the interpreter
 """
 
 
