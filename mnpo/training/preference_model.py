@@ -146,6 +146,7 @@ def train_preference_model(config: PMRunConfig) -> Path:
     from mnpo.config import model_context, resolve_max_length, save_config
     from mnpo.data.chat import PAIR_TEMPLATE_FILE
     from mnpo.io import load_splits
+    from mnpo.training.checkpoints import resolve_resume_checkpoint
 
     check_model_path(config.model_name_or_path, "--model_name_or_path")
     check_model_path(config.tokenizer_name_or_path, "--tokenizer_name_or_path", "tokenizer")
@@ -175,7 +176,8 @@ def train_preference_model(config: PMRunConfig) -> Path:
         data_collator=DataCollatorWithPadding(tokenizer),
         processing_class=tokenizer,
     )
-    result = trainer.train()
+    resume = resolve_resume_checkpoint(config.output_dir, config.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=resume)
     logger.info("preference model training done: %s", result.metrics)
     if config.eval_split:
         ev = pairs[config.eval_split]

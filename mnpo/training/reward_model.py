@@ -136,6 +136,7 @@ def train_reward_model(config: RMRunConfig) -> Path:
 
     from mnpo.config import model_context, resolve_max_length, save_config
     from mnpo.io import load_splits
+    from mnpo.training.checkpoints import resolve_resume_checkpoint
 
     check_model_path(config.model_name_or_path, "--model_name_or_path")
     check_model_path(config.tokenizer_name_or_path, "--tokenizer_name_or_path", "tokenizer")
@@ -163,7 +164,8 @@ def train_reward_model(config: RMRunConfig) -> Path:
     set_seed(config.seed)
     model = load_sequence_classifier(config.model_name_or_path, 1, tokenizer, model_init_kwargs(config))
     trainer = RewardTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer)
-    result = trainer.train()
+    resume = resolve_resume_checkpoint(config.output_dir, config.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=resume)
     logger.info("reward model training done: %s", result.metrics)
     if config.eval_split:
         ev = pairs[config.eval_split]

@@ -186,6 +186,7 @@ def train_sft(config: SFTRunConfig) -> Path:
 
     from mnpo.config import model_context, resolve_max_length, save_config
     from mnpo.io import load_splits
+    from mnpo.training.checkpoints import resolve_resume_checkpoint
 
     check_model_path(config.model_name_or_path, "--model_name_or_path")
     check_model_path(config.tokenizer_name_or_path, "--tokenizer_name_or_path", "tokenizer")
@@ -214,7 +215,8 @@ def train_sft(config: SFTRunConfig) -> Path:
         eval_dataset=datasets.get(config.eval_split) if config.eval_split else None,
         processing_class=tokenizer,
     )
-    result = trainer.train()
+    resume = resolve_resume_checkpoint(config.output_dir, config.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=resume)
     logger.info("SFT done: %s", result.metrics)
     if config.eval_split:
         logger.info("SFT eval: %s", trainer.evaluate())

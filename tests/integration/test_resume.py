@@ -131,3 +131,34 @@ def test_train_egpo_reruns_resume_from_the_newest_complete_checkpoint(toy_world,
     state = json.loads((killed / TRAINER_STATE).read_text())
     assert state["global_step"] == 3
     assert checkpoint_problem(killed / f"checkpoint-{KILL_AT}") is None
+
+
+# train-sft, train-rm and train-pm read the same flag (they used to ignore it and start over).
+STAGE_DATA = {"train-sft": "data/sft", "train-rm": "data/oracle_pairs", "train-pm": "data/oracle_pairs"}
+
+
+def _stage_argv(command: str, world: Path, out: Path, *extra: str) -> list[str]:
+    config = Path(__file__).resolve().parents[2] / "configs" / "toy" / f"{command.removeprefix('train-')}.yaml"
+    return [command, "--config", str(config), "--model_name_or_path", str(world / "policy"),
+            "--dataset", str(world / STAGE_DATA[command]), "--output_dir", str(out), "--eval_split", "",
+            "--per_device_train_batch_size", "8", *STEPS, *extra]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", list(STAGE_DATA))
+def test_sft_rm_pm_resume_true_after_a_kill_mid_checkpoint(command, toy_world, tmp_path, monkeypatch):
+    assert main(_stage_argv(command, toy_world, tmp_path / "straight")) == 0
+
+    killed = tmp_path / "killed"
+    _kill_during_save(monkeypatch)
+    with pytest.raises(Killed):
+        main(_stage_argv(command, toy_world, killed))
+    _assert_killed_mid_save(killed)
+
+    monkeypatch.undo()
+    steps = []  # a fresh start would also end with the same weights: check the rerun resumed
+    real_step = Trainer.training_step
+    monkeypatch.setattr(Trainer, "training_step", lambda self, *a, **k: steps.append(1) or real_step(self, *a, **k))
+    assert main(_stage_argv(command, toy_world, killed, "--resume_from_checkpoint", "true")) == 0
+    assert len(steps) == 3 - (KILL_AT - 1)  # from checkpoint-1 to step 3
+    _assert_same_weights(tmp_path / "straight", killed)
