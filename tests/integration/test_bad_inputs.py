@@ -36,11 +36,6 @@ class Case:
     setup: Setup | None = None
     fix: str | None = None  # a corrected command line: must exit 0 in the same folder afterwards
     leaves: tuple[str, ...] = ()  # globs (relative to {tmp}) of resume state a failed run may leave
-    xfail: str | None = None  # a known gap another change closes (the reason names it)
-
-    def param(self):
-        marks = [pytest.mark.xfail(reason=self.xfail, strict=False)] if self.xfail else []
-        return pytest.param(self, id=self.id, marks=marks)
 
 
 # --- setups: each writes one kind of bad input into tmp ------------------------------------------------
@@ -115,9 +110,6 @@ PAIR = {
     "reference_chosen_logps": -1.0,
     "reference_rejected_logps": -2.0,
 }
-
-# Until the input-validation change (issue 11 item 3) lands, train-mnpo reads these rows unchecked.
-NUMBERS_PENDING = "issue 11 item 3: non-numeric and non-finite values in input files"
 
 W, T = "{world}", "{tmp}"
 DECODE = f"decode --dataset {W}/data/prompts/test.jsonl --limit 2 --num_responses 2 --max_new_tokens 4"
@@ -349,14 +341,12 @@ CASES = [
         f"{MNPO} --model_name_or_path {W}/policy --dataset {T}/pairs.jsonl --output_dir {T}/out",
         ("pairs.jsonl line 2", "reference_chosen_logps"),
         write_lines("pairs.jsonl", PAIR, {**PAIR, "reference_chosen_logps": "-1.5x"}),
-        xfail=NUMBERS_PENDING,
     ),
     Case(
         "train-mnpo-nan-logp",
         f"{MNPO} --model_name_or_path {W}/policy --dataset {T}/pairs.jsonl --output_dir {T}/out",
         ("pairs.jsonl line 2", "reference_rejected_logps", "nan"),
         write_lines("pairs.jsonl", PAIR, json.dumps({**PAIR, "reference_rejected_logps": float("nan")})),
-        xfail=NUMBERS_PENDING,
     ),
     Case(
         "train-mnpo-vocabulary-too-small",
@@ -513,7 +503,7 @@ def _format(text: str, values: dict[str, str]) -> str:
     return text
 
 
-@pytest.mark.parametrize("case", [c.param() for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_bad_input_is_one_line_exit_2(case: Case, toy_world, tmp_path, capsys, caplog, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("MNPO_DEBUG", raising=False)
