@@ -40,7 +40,10 @@ DRIVER = textwrap.dedent(
 def _start_driver(run_dir: Path, stage_cmd: list[str]) -> tuple[subprocess.Popen, int, int]:
     """The driver, the stage process it started (the guard) and the command's own process below it."""
     driver = subprocess.Popen(
-        [sys.executable, "-c", DRIVER, str(run_dir), *stage_cmd], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", DRIVER, str(run_dir), *stage_cmd],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a pipeline started from a shell has
     )
     guard = int(driver.stdout.readline())
     deadline = time.monotonic() + 30
@@ -101,6 +104,19 @@ def test_a_stage_that_outlives_the_pipeline_locks_the_rerun_out(tmp_path):
         assert _wait_gone(guard, 10), "the guard did not exit with its command"
         with run_lock(tmp_path / "run"):
             pass
+    finally:
+        for pid in (command, guard):
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_kill_of_the_whole_process_group_still_reaches_the_stage(tmp_path):
+    """`kill -9 -PGID` (a shell's job kill) stops the stage too: the guard keeps it in the group."""
+    driver, guard, command = _start_driver(tmp_path / "run", ["sleep", "120"])
+    try:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+        assert _wait_gone(command, 10) and _wait_gone(guard, 10)
     finally:
         for pid in (command, guard):
             if _running(pid):
