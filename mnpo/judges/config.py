@@ -35,6 +35,13 @@ class ServeJudgeConfig:
     )
     max_request_bytes: int = field(default=8_000_000, metadata={"help": "larger request bodies get 413"})
     max_pairs_per_request: int = field(default=4096, metadata={"help": "more pairs in one request get 413"})
+    idle_timeout_s: float = field(
+        default=60.0, metadata={"help": "close a connection that sends nothing for this many seconds"}
+    )
+    shutdown_timeout_s: float = field(
+        default=60.0,
+        metadata={"help": "on SIGINT/SIGTERM, wait up to this many seconds for the requests in flight to be answered"},
+    )
     device: str = field(default=None, metadata={"help": "torch device of the judge model (default: cuda if available)"})
     dtype: str = field(default="float32", metadata={"help": "judge model dtype: float32, bfloat16, float16"})
     batch_size: int = field(default=32, metadata={"help": "forward-pass batch size inside the judge model"})
@@ -46,3 +53,7 @@ class ServeJudgeConfig:
             raise ValueError("max_batch_size must be >= 1")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port {self.port} is out of range: use 1..65535, or 0 to pick a free port")
+        if self.idle_timeout_s <= 0:
+            raise ValueError(f"idle_timeout_s must be > 0 seconds, got {self.idle_timeout_s}")
+        if self.shutdown_timeout_s < 0:
+            raise ValueError(f"shutdown_timeout_s must be >= 0 seconds, got {self.shutdown_timeout_s}")
