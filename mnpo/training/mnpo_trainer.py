@@ -218,8 +218,7 @@ def train_mnpo(config: MNPOConfig) -> Path:
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(config.output_dir)
         save_config(config, config.output_dir, "mnpo_config.yaml")
-    import torch.distributed as dist
+    from mnpo.distributed import shutdown
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    shutdown()  # a process group left alive aborts the exit (mnpo/distributed.py)
     return Path(config.output_dir)

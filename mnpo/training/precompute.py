@@ -394,10 +394,9 @@ def precompute_logps(config: PrecomputeConfig) -> Path:
 
 def precompute(config: PrecomputeConfig) -> Path:
     """CLI handler: run the precompute, then tear down the process group (crashes at exit otherwise)."""
+    from mnpo.distributed import shutdown
+
     try:
         return precompute_logps(config)
     finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown()
