@@ -147,6 +147,7 @@ def train_preference_model(config: PMRunConfig) -> Path:
     from mnpo.data.chat import PAIR_TEMPLATE_FILE
     from mnpo.io import load_splits
     from mnpo.training.checkpoints import resolve_resume_checkpoint
+    from mnpo.training.nonfinite import NonFiniteGuard
 
     check_model_path(config.model_name_or_path, "--model_name_or_path")
     check_model_path(config.tokenizer_name_or_path, "--tokenizer_name_or_path", "tokenizer")
@@ -175,6 +176,7 @@ def train_preference_model(config: PMRunConfig) -> Path:
         train_dataset=Dataset.from_list(rows),
         data_collator=DataCollatorWithPadding(tokenizer),
         processing_class=tokenizer,
+        callbacks=[NonFiniteGuard()],  # a diverged run stops before its result is saved
     )
     resume = resolve_resume_checkpoint(config.output_dir, config.resume_from_checkpoint)
     result = trainer.train(resume_from_checkpoint=resume)

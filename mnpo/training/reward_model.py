@@ -137,6 +137,7 @@ def train_reward_model(config: RMRunConfig) -> Path:
     from mnpo.config import model_context, resolve_max_length, save_config
     from mnpo.io import load_splits
     from mnpo.training.checkpoints import resolve_resume_checkpoint
+    from mnpo.training.nonfinite import NonFiniteGuard
 
     check_model_path(config.model_name_or_path, "--model_name_or_path")
     check_model_path(config.tokenizer_name_or_path, "--tokenizer_name_or_path", "tokenizer")
@@ -163,7 +164,13 @@ def train_reward_model(config: RMRunConfig) -> Path:
     # default seed differs between processes.
     set_seed(config.seed)
     model = load_sequence_classifier(config.model_name_or_path, 1, tokenizer, model_init_kwargs(config))
-    trainer = RewardTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer)
+    trainer = RewardTrainer(
+        model=model,
+        args=config,
+        train_dataset=train,
+        processing_class=tokenizer,
+        callbacks=[NonFiniteGuard()],  # a diverged run stops before its result is saved
+    )
     resume = resolve_resume_checkpoint(config.output_dir, config.resume_from_checkpoint)
     result = trainer.train(resume_from_checkpoint=resume)
     logger.info("reward model training done: %s", result.metrics)

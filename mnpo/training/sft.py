@@ -187,6 +187,7 @@ def train_sft(config: SFTRunConfig) -> Path:
     from mnpo.config import model_context, resolve_max_length, save_config
     from mnpo.io import load_splits
     from mnpo.training.checkpoints import resolve_resume_checkpoint
+    from mnpo.training.nonfinite import NonFiniteGuard
 
     check_model_path(config.model_name_or_path, "--model_name_or_path")
     check_model_path(config.tokenizer_name_or_path, "--tokenizer_name_or_path", "tokenizer")
@@ -214,6 +215,7 @@ def train_sft(config: SFTRunConfig) -> Path:
         train_dataset=datasets[config.dataset_split],
         eval_dataset=datasets.get(config.eval_split) if config.eval_split else None,
         processing_class=tokenizer,
+        callbacks=[NonFiniteGuard()],  # a diverged run stops before its result is saved
     )
     resume = resolve_resume_checkpoint(config.output_dir, config.resume_from_checkpoint)
     result = trainer.train(resume_from_checkpoint=resume)

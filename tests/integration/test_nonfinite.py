@@ -10,7 +10,7 @@ import random
 
 import pytest
 import torch
-from tiny_models import WORDS, build_tiny_policy
+from tiny_models import WORDS, build_tiny_policy, random_pairs, write_jsonl
 
 from mnpo.cli import main
 from mnpo.data import columns as C
@@ -29,25 +29,13 @@ def policy(tmp_path_factory):
 def _pairs(n: int, seed: int = 0) -> list[dict]:
     """Preference rows with made-up (finite) reference log-probs: train-mnpo tokenises them itself."""
     rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        prompt = " ".join(rng.choices(WORDS, k=4))
-        chosen, rejected = (" ".join(rng.choices(WORDS, k=6)) for _ in range(2))
-        rows.append(
-            {
-                C.PROMPT: prompt,
-                C.CHOSEN: C.chat_pair(prompt, chosen),
-                C.REJECTED: C.chat_pair(prompt, rejected),
-                C.REFERENCE_CHOSEN_LOGPS: -rng.uniform(20, 40),
-                C.REFERENCE_REJECTED_LOGPS: -rng.uniform(20, 40),
-            }
-        )
+    rows = random_pairs(n, seed, prompt_words=(4, 4), reply_words=(6, 6))
+    for row in rows:
+        row[C.REFERENCE_CHOSEN_LOGPS], row[C.REFERENCE_REJECTED_LOGPS] = -rng.uniform(20, 40), -rng.uniform(20, 40)
     return rows
 
 
-def _write(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+_write = write_jsonl
 
 
 def _train_mnpo(policy, dataset, out, *extra):
@@ -168,3 +156,21 @@ def test_precompute_refuses_to_write_a_non_finite_log_prob(policy, tmp_path, mon
     with pytest.raises(MnpoError, match=rf"reference model {policy} gave the rejected response of {data} row 2 a non"):
         precompute.precompute_logps(config)
     assert not (out / "state.json").exists() and not list(out.glob(f"{precompute.CACHE_DIR}/*.pt"))
+
+
+@pytest.mark.parametrize("command", ["train-sft", "train-rm", "train-pm"])
+def test_sft_rm_and_pm_training_stop_at_the_first_non_finite_gradient(policy, tmp_path, capsys, command):
+    rows = _pairs(8)
+    if command == "train-sft":
+        rows = [{"messages": row[C.CHOSEN]} for row in rows]
+    data = _write(tmp_path / "data.jsonl", rows)
+    out = tmp_path / "out"
+    # As for train-mnpo: Adam moves every weight by about 1e30 at step 1, so step 2's gradients are NaN.
+    rc = main([command, "--model_name_or_path", str(policy), "--dataset", str(data), "--output_dir", str(out),
+               "--learning_rate", "1e30", "--max_steps", "3", "--per_device_train_batch_size", "4",
+               "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--save_strategy", "no",
+               "--report_to", "none", "--use_cpu", "true"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "training diverged at step 2: the gradient norm is nan (not finite); no model was saved" in err
+    assert _no_result_model(out) and not (out / "config.yaml").exists()
