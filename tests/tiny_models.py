@@ -6,6 +6,8 @@ Importable from any test because pytest puts this folder (the one holding confte
 
 from __future__ import annotations
 
+import json
+import random
 from pathlib import Path
 
 import torch
@@ -43,3 +45,24 @@ def build_tiny_policy(out: Path, seed: int) -> Path:
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(out)
     return out
+
+
+def random_pairs(n: int, seed: int = 0, prompt_words=(2, 8), reply_words=(1, 12)) -> list[dict]:
+    """`n` preference rows of random WORDS: prompt, and chosen / rejected as chat conversations on it.
+    Word counts are drawn uniformly from the inclusive ranges."""
+    from mnpo.data import columns as C
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt = " ".join(rng.choices(WORDS, k=rng.randint(*prompt_words)))
+        chosen, rejected = (" ".join(rng.choices(WORDS, k=rng.randint(*reply_words))) for _ in range(2))
+        rows.append(
+            {C.PROMPT: prompt, C.CHOSEN: C.chat_pair(prompt, chosen), C.REJECTED: C.chat_pair(prompt, rejected)}
+        )
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import WORDS, build_tiny_policy
+from tiny_models import build_tiny_policy, random_pairs, write_jsonl
 
 from mnpo.data import columns as C
 
@@ -32,15 +31,7 @@ def world(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("lora")
     policy = build_tiny_policy(root / "policy", 0)
-    rng = random.Random(0)
-    rows = []
-    for _ in range(16):
-        prompt = " ".join(rng.choices(WORDS, k=rng.randint(2, 8)))
-        chosen, rejected = (" ".join(rng.choices(WORDS, k=rng.randint(2, 12))) for _ in range(2))
-        rows.append(
-            {"prompt": prompt, "chosen": C.chat_pair(prompt, chosen), "rejected": C.chat_pair(prompt, rejected)}
-        )
-    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(root / "pairs.jsonl", random_pairs(16, prompt_words=(2, 8), reply_words=(2, 12)))
     argv = ["precompute", "--dataset", str(root / "pairs.jsonl"), "--ref_model", str(policy),
             "--output_dir", str(root / "pre"), *LENGTHS]  # fmt: skip
     assert main(argv) == 0

@@ -4,31 +4,20 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import WORDS, build_tiny_policy
+from tiny_models import build_tiny_policy, random_pairs, write_jsonl
 
-from mnpo.data import columns as C
 from mnpo.errors import MnpoError
 
 
 def write_pairs(path: Path, n: int) -> Path:
-    rng = random.Random(0)
-    rows = []
-    for i in range(n):
-        prompt = " ".join(rng.choices(WORDS, k=rng.randint(2, 30)))  # some exceed max_prompt_length
-        chosen, rejected = (" ".join(rng.choices(WORDS, k=rng.randint(1, 40))) for _ in range(2))
-        rows.append(
-            {"prompt_id": str(i), "prompt": prompt, "chosen": C.chat_pair(prompt, chosen),
-             "rejected": C.chat_pair(prompt, rejected)}
-        )  # fmt: skip
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    rows = random_pairs(n, prompt_words=(2, 30), reply_words=(1, 40))  # some prompts exceed max_prompt_length
+    return write_jsonl(path, [{"prompt_id": str(i), **row} for i, row in enumerate(rows)])
 
 
 LENGTHS = ["--max_length", "48", "--max_prompt_length", "24"]

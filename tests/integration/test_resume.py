@@ -6,17 +6,15 @@ optimizer are written and before the RNG state and trainer_state.json: what a SI
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import WORDS, build_tiny_policy
+from tiny_models import build_tiny_policy, random_pairs, write_jsonl
 from transformers import Trainer
 
 from mnpo.cli import main
-from mnpo.data import columns as C
 from mnpo.training.checkpoints import TRAINER_STATE, checkpoint_problem
 
 LENGTHS = ["--max_length", "48", "--max_prompt_length", "24"]
@@ -62,14 +60,7 @@ def mnpo_world(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("resume_mnpo")
     policy = build_tiny_policy(root / "policy", 0)
-    rng = random.Random(0)
-    pairs = root / "pairs.jsonl"
-    with pairs.open("w") as f:
-        for _ in range(16):
-            prompt = " ".join(rng.choices(WORDS, k=rng.randint(2, 8)))
-            chosen, rejected = (" ".join(rng.choices(WORDS, k=rng.randint(1, 12))) for _ in range(2))
-            row = {"prompt": prompt, "chosen": C.chat_pair(prompt, chosen), "rejected": C.chat_pair(prompt, rejected)}
-            f.write(json.dumps(row) + "\n")
+    pairs = write_jsonl(root / "pairs.jsonl", random_pairs(16))
     pre = root / "pre"
     argv = ["--dataset", str(pairs), "--ref_model", str(policy), "--output_dir", str(pre), *LENGTHS]
     precompute_logps(parse_config(PrecomputeConfig, argv))

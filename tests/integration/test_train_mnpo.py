@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from tiny_models import TEMPLATE, WORDS, build_tiny_policy
-
-from mnpo.data import columns as C
+from tiny_models import TEMPLATE, build_tiny_policy, random_pairs, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 LENGTHS = ["--max_length", "48", "--max_prompt_length", "24"]
@@ -26,16 +23,7 @@ def world(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("train_mnpo")
     policy, opponent = build_tiny_policy(root / "policy", 0), build_tiny_policy(root / "opponent", 1)
-    rng = random.Random(0)
-    rows = []
-    for _i in range(24):
-        prompt = " ".join(rng.choices(WORDS, k=rng.randint(2, 10)))
-        chosen, rejected = (" ".join(rng.choices(WORDS, k=rng.randint(1, 20))) for _ in range(2))
-        rows.append(
-            {"prompt": prompt, "chosen": C.chat_pair(prompt, chosen), "rejected": C.chat_pair(prompt, rejected)}
-        )
-    pairs = root / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs = write_jsonl(root / "pairs.jsonl", random_pairs(24, prompt_words=(2, 10), reply_words=(1, 20)))
     pre = root / "pre"
     precompute_logps(
         parse_config(
