@@ -105,9 +105,12 @@ def generate_completions(
     max_new_tokens: int,
     ref_model: Any | None = None,
     generator_seed: int | None = None,
+    stop_ids: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample one completion per prompt with HF `generate`.
 
+    `stop_ids` end a completion (default: `stop_token_ids(model, tokenizer)`, the model's end-of-turn
+    tokens as well as the tokenizer's EOS; mask the result with `completion_mask(ids, stop_ids)`).
     Returns (prompt_input_ids (B, P) left-padded, prompt_mask (B, P), completion_ids (B, C)); the
     completion is everything generated, padded with `pad_token_id` after EOS (mask it with
     `completion_mask`).
@@ -128,12 +131,12 @@ def generate_completions(
         processors.append(GeometricMixtureLogitsProcessor(ref_model, sampler.mixture_coef, mask))
     from transformers import LogitsProcessorList
 
-    from mnpo.generation.sampling import sampling_config
+    from mnpo.generation.sampling import sampling_config, stop_token_ids
 
     config = sampling_config(
         max_new_tokens=max_new_tokens,
         pad_token_id=pad_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stop_ids if stop_ids is not None else stop_token_ids(model, tokenizer),
         temperature=sampler.temperature,
         top_k=sampler.top_k,
         top_p=sampler.top_p,

@@ -32,6 +32,7 @@ from transformers import Trainer
 from mnpo.data.chat import encode_prompt
 from mnpo.errors import MnpoError, check_judge_path, check_model_path, check_vocab
 from mnpo.generation.mixture import SamplerSettings, completion_mask, generate_completions
+from mnpo.generation.sampling import stop_token_ids
 from mnpo.training.extragradient import ParameterSnapshot, optimizer_chain
 from mnpo.training.logprobs import per_token_logps, reduce_logps
 from mnpo.training.losses import nash_md_pg_loss, online_ipo_loss, online_ipo_target
@@ -141,11 +142,12 @@ class VLLMColocateGenerator:
         sampler: SamplerSettings,
         max_new_tokens: int,
         pad_id: int,
-        eos_id: int,
+        stop_ids: list[int],
         seed: int,
     ) -> torch.Tensor:
         params = self.vllm.SamplingParams(
             n=1,
+            stop_token_ids=list(stop_ids),  # the same stop set as HF generate and completion_mask
             temperature=sampler.temperature,
             top_k=sampler.top_k if sampler.top_k > 0 else -1,
             top_p=sampler.top_p,
@@ -195,6 +197,9 @@ class OnlineNLHFTrainer(Trainer):
         self.pad_id = (
             self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         )
+        # Every sampler stops at, and every mask ends after, the same tokens: the model's end-of-turn
+        # ids (e.g. Gemma's <end_of_turn>) as well as the tokenizer's EOS, as decode and evaluate do.
+        self.stop_ids = stop_token_ids(self.model, self.tokenizer)
         self.pair_sampler = SamplerSettings(cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, 0.0)
         mixture = cfg.mixture_coef if cfg.alg in ("nmd", "nmdpg") else 0.0
         self.opponent_sampler = SamplerSettings(
@@ -242,9 +247,7 @@ class OnlineNLHFTrainer(Trainer):
                     cfg.seed,
                 )
             self._vllm.sync_weights(model, self._weights_version)
-            return self._vllm.generate(
-                prompt_ids, sampler, cfg.max_new_tokens, self.pad_id, self.tokenizer.eos_token_id, seed
-            )
+            return self._vllm.generate(prompt_ids, sampler, cfg.max_new_tokens, self.pad_id, self.stop_ids, seed)
         if sampler.mixture_coef > 0.0:
             # build_trainer guarantees a separate reference model for mixture samplers.
             return generate_completions(
@@ -255,9 +258,16 @@ class OnlineNLHFTrainer(Trainer):
                 cfg.max_new_tokens,
                 ref_model=self.ref_model,
                 generator_seed=seed,
+                stop_ids=self.stop_ids,
             )[2]
         return generate_completions(
-            model, self.tokenizer, prompt_ids, sampler, self.args.max_new_tokens, generator_seed=seed
+            model,
+            self.tokenizer,
+            prompt_ids,
+            sampler,
+            self.args.max_new_tokens,
+            generator_seed=seed,
+            stop_ids=self.stop_ids,
         )[2]
 
     def _needs_opponent(self) -> bool:
@@ -299,7 +309,7 @@ class OnlineNLHFTrainer(Trainer):
         # tensor of the loss lines up with every mask.
         # Masks first: the padding added here must never count as completion tokens.
         completions = [c.cpu() for c in completions]
-        masks = [completion_mask(c, self.tokenizer.eos_token_id) for c in completions]
+        masks = [completion_mask(c, self.stop_ids) for c in completions]
         width = max(c.shape[1] for c in completions)
         completions = [F.pad(c, (0, width - c.shape[1]), value=self.pad_id) for c in completions]
         masks = [F.pad(m, (0, width - m.shape[1])) for m in masks]
@@ -390,7 +400,8 @@ class OnlineNLHFTrainer(Trainer):
                 self._log_metric("objective/kl", kl.mean())
         with torch.no_grad():
             lengths = torch.stack([m.sum(-1).float() for m in batch.masks])
-            ends_eos = torch.stack([(c == self.tokenizer.eos_token_id).any(-1).float() for c in batch.completions])
+            stops = torch.tensor(self.stop_ids)
+            ends_eos = torch.stack([torch.isin(c, stops.to(c.device)).any(-1).float() for c in batch.completions])
         self._log_metric("completions/mean_length", lengths.mean())
         self._log_metric("completions/eos_share", ends_eos.mean())
         self._log_metric("time/judge", judge_time)
@@ -641,10 +652,11 @@ def win_rate(
         texts = []
         for k, model in enumerate((policy, baseline)):
             model.eval()
-            out = generate_completions(model, tokenizer, ids, sampler, max_new_tokens, generator_seed=seed + start + k)[
-                2
-            ]
-            mask = completion_mask(out, tokenizer.eos_token_id)
+            stop_ids = stop_token_ids(model, tokenizer)
+            out = generate_completions(
+                model, tokenizer, ids, sampler, max_new_tokens, generator_seed=seed + start + k, stop_ids=stop_ids
+            )[2]
+            mask = completion_mask(out, stop_ids)
             texts.append(
                 [
                     tokenizer.decode(r[: int(m.sum())].tolist(), skip_special_tokens=True).strip()

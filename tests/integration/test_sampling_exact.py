@@ -212,3 +212,31 @@ def test_evaluate_samples_the_policy(models):
     folded[0] = probs[special].sum()
     draws = torch.tensor([tokenizer.convert_tokens_to_ids(t) if t else 0 for t in texts])
     assert_fits(draws, folded)
+
+
+@pytest.mark.parametrize("mixture_coef", [0.0, 0.5])
+def test_online_samplers_stop_at_the_models_end_of_turn_token(tmp_path, mixture_coef):
+    """A chat model whose generation_config lists an end-of-turn id besides the tokenizer's EOS (Gemma's
+    <end_of_turn>, Llama 3's <|eot_id|>): the online trainers' samplers stop there and mask after it,
+    as decode and evaluate do. Before, they stopped only at tokenizer.eos_token_id and the completion
+    ran on past the end of the turn."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from mnpo.data.chat import encode_prompt
+    from mnpo.generation.mixture import SamplerSettings, completion_mask, generate_completions
+
+    path = _build(tmp_path / "model", seed=0)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = [encode_prompt(tokenizer, PROMPT)]
+    with torch.no_grad():  # the greedy first token becomes the model's end-of-turn token
+        end_of_turn = int(model(torch.tensor(ids)).logits[0, -1].argmax())
+    assert end_of_turn != tokenizer.eos_token_id
+    model.generation_config = GenerationConfig(eos_token_id=[tokenizer.eos_token_id, end_of_turn], pad_token_id=0)
+    sampler = SamplerSettings(temperature=0.0, mixture_coef=mixture_coef)  # greedy: the first token is end_of_turn
+
+    _, _, out = generate_completions(model, tokenizer, ids, sampler, max_new_tokens=8, ref_model=model)
+    assert out[0].tolist() == [end_of_turn]  # stopped at once (before: 8 tokens, running on past the turn)
+    assert completion_mask(torch.tensor([[end_of_turn, 7, 8]]), [tokenizer.eos_token_id, end_of_turn]).tolist() == [
+        [1, 0, 0]
+    ]
