@@ -51,13 +51,13 @@ class GeometricMixtureLogitsProcessor:
         self.ref_model = ref_model
         self.coef = float(mixture_coef)
         self.attention_mask = attention_mask
-        self.past_key_values = None
+        self.cache = None  # the reference's KV cache (transformers 5: `cache`, formerly `past_key_values`)
         self.positions: torch.Tensor | None = None
 
     @torch.no_grad()
     def reference_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Next-token logits of the reference for every row, (B, V)."""
-        if self.past_key_values is None:
+        if self.cache is None:
             mask = self.attention_mask.to(input_ids.device)
             positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
             out = self.ref_model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
@@ -71,10 +71,10 @@ class GeometricMixtureLogitsProcessor:
                 input_ids=input_ids[:, -1:],
                 attention_mask=self.attention_mask,
                 position_ids=self.positions,
-                past_key_values=self.past_key_values,
+                cache=self.cache,
                 use_cache=True,
             )
-        self.past_key_values = out.past_key_values
+        self.cache = out.cache
         return out.logits[:, -1, :].float()
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
