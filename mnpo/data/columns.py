@@ -7,10 +7,28 @@ REJECTED = "rejected"  # list[{"role", "content"}]: user turn + dispreferred ass
 ALL_RESPONSES = "all_generated_responses"  # list[str]: the K sampled responses
 ALL_RM_SCORES = "all_rm_scores"  # list[float]: one score per response (the labelling RM)
 PROMPT_ID = "prompt_id"  # str: stable id of a prompt across stages
+# Per-response win rates (mnpo annotate -> train-mnpo --loss_type sppo): P(y > the other K - 1 responses).
+ALL_WIN_RATES = "all_win_rates"  # list[float | None]: one per response, from the labelling judge
+CHOSEN_WIN_RATE = "chosen_win_rate"  # float: the chosen response's entry of all_win_rates
+REJECTED_WIN_RATE = "rejected_win_rate"  # float: the rejected response's entry
 
 # Precomputed opponents (mnpo precompute -> mnpo train-mnpo).
 REFERENCE_CHOSEN_LOGPS = "reference_chosen_logps"
 REFERENCE_REJECTED_LOGPS = "reference_rejected_logps"
+
+
+# The opponents each `--loss_type` of train-mnpo trains against (MNPO paper Table 1): precompute scores
+# only these models. "pi_t" is history0, the policy this iteration starts from.
+LOSS_OPPONENTS = {
+    "mnpo": ("reference", "history"),
+    "ipo": ("reference",),
+    "inpo": ("reference", "pi_t"),
+    "dpo": ("reference",),
+    "simpo": (),
+    "sppo": ("pi_t",),
+    "dno": ("pi_t",),
+}
+LOSS_TYPES = tuple(LOSS_OPPONENTS)
 
 
 def history_chosen_logps(j: int) -> str:
