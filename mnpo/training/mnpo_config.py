@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from mnpo.data.columns import LOSS_TYPES
+
 
 def _has_bf16_device() -> bool:
     import torch
@@ -26,7 +28,29 @@ class MNPOConfig(TrainingArguments):
         metadata={"help": "output folder of `mnpo precompute` (or any file/folder with the same columns)"},
     )
     dataset_split: str = field(default=None, metadata={"help": "split to train on when the dataset has several"})
-    eta: float = field(default=0.0075, metadata={"help": "MNPO step size: the target margin is 1/(2 eta)"})
+    loss_type: str = field(
+        default="mnpo",
+        metadata={
+            "help": "loss of the MNPO family (docs/mnpo.md, Loss types): mnpo (opponents pi_ref + history), ipo "
+            "(pi_ref, target 1/(2 tau)), inpo (pi_ref + pi_t), dpo (logistic vs pi_ref), simpo (logistic, no "
+            "opponent), sppo (per-response vs pi_t, needs win rates), dno (logistic vs pi_t)",
+            "choices": list(LOSS_TYPES),
+        },
+    )
+    eta: float = field(
+        default=0.0075,
+        metadata={
+            "help": "step size: target margin 1/(2 eta) of mnpo and inpo; sppo's target is eta * (win rate - 1/2)"
+        },
+    )
+    tau: float = field(
+        default=None,
+        metadata={
+            "help": "KL strength of ipo (target margin 1/(2 tau); TRL's ipo beta) and inpo (weight tau/eta on pi_ref, "
+            "0 < tau <= eta); required by those two, refused by the others"
+        },
+    )
+    simpo_gamma: float = field(default=0.5, metadata={"help": "simpo target margin gamma (TRL's simpo_gamma)"})
     ratio: float = field(
         default=1 / 3,
         metadata={"help": "weight of the reference model among the opponents (paper: 1/3 iter 1, 0.85 later)"},
@@ -41,7 +65,11 @@ class MNPOConfig(TrainingArguments):
         default=None, metadata={"help": "use at most this many history opponents (default: every history column)"}
     )
     beta: float = field(
-        default=0.1, metadata={"help": "scale of the logged implicit rewards only (not in the gradient)"}
+        default=0.1,
+        metadata={
+            "help": "dpo, dno, simpo: the logistic loss's scale beta; mnpo, ipo, inpo, sppo: scales the logged "
+            "implicit rewards only (not in the gradient)"
+        },
     )
     logp_reduction: str = field(
         default="mean",
@@ -108,6 +136,29 @@ class MNPOConfig(TrainingArguments):
             raise ValueError(f"eta must be > 0, got {self.eta}")
         if not 0.0 <= self.ratio <= 1.0:
             raise ValueError(f"ratio must be in [0, 1], got {self.ratio}")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {list(LOSS_TYPES)}, got {self.loss_type!r}")
+        if self.loss_type in ("ipo", "inpo"):
+            if self.tau is None or self.tau <= 0:
+                raise ValueError(
+                    f"--loss_type {self.loss_type} needs --tau > 0 (the KL strength; ipo's target margin is 1/(2 tau)), "
+                    f"got {self.tau}"
+                )
+            if self.loss_type == "inpo" and self.tau > self.eta:
+                raise ValueError(
+                    f"--loss_type inpo needs tau <= eta (pi_ref's weight is tau/eta), got tau={self.tau}, eta={self.eta}"
+                )
+        elif self.tau is not None:
+            raise ValueError(f"--tau is used by loss_type ipo and inpo only; drop it for --loss_type {self.loss_type}")
+        if self.loss_type in ("dpo", "dno", "simpo") and self.beta <= 0:
+            raise ValueError(
+                f"--loss_type {self.loss_type} needs beta > 0 (the logistic loss's scale), got {self.beta}"
+            )
+        if self.loss_type == "simpo" and self.logp_reduction != "mean":
+            raise ValueError(
+                "--loss_type simpo is defined on length-normalised log-probs: set --logp_reduction mean "
+                f"(got {self.logp_reduction})"
+            )
         if any(w < 0 for w in self.history_weights):
             raise ValueError(f"history_weights must be >= 0, got {self.history_weights}")
         if self.max_history_t is not None and self.max_history_t < 0:

@@ -3,7 +3,8 @@
     mnpo train-mnpo --model_name_or_path PI_T --dataset PRECOMPUTED --output_dir DIR --eta 0.0075 --ratio 0.85
     accelerate launch --config_file accelerate_configs/zero3.yaml -m mnpo.cli train-mnpo --config configs/mnpo/...
 
-The loss is `mnpo.training.losses.mnpo_loss` (algorithms.md 1.2) on sequence log-probs from
+The loss is `mnpo.training.losses.mnpo_loss` (algorithms.md 1.2), or with `--loss_type` another member of
+the family (ipo, inpo, dpo, simpo, sppo, dno: docs/mnpo.md), on sequence log-probs from
 `mnpo.training.logprobs` (the same function precompute used, on the same stored token ids).
 DDP, DeepSpeed, FSDP, LoRA, gradient checkpointing, bf16, checkpoints and `report_to` come from the Trainer.
 """
@@ -26,12 +27,13 @@ from mnpo.data.collators import (
     REJECTED_INPUT_IDS,
     TOKENIZATION_FINGERPRINT,
     MNPOCollator,
+    sequence_batch,
     tokenization_fingerprint,
     tokenize_pair,
 )
 from mnpo.errors import MnpoError, check_model_path, check_vocab
 from mnpo.training.logprobs import per_token_logps, reduce_logps
-from mnpo.training.losses import mnpo_loss
+from mnpo.training.losses import dno_loss, dpo_loss, inpo_loss, ipo_loss, mnpo_loss, simpo_loss, sppo_loss
 from mnpo.training.mnpo_config import MNPOConfig
 from mnpo.training.nonfinite import NonFiniteGuard
 
@@ -46,15 +48,90 @@ def count_history_columns(column_names: list[str]) -> int:
     return j
 
 
+# Batch key of each per-pair column the non-mnpo loss types read (pi_t is history0).
+_BATCH_KEYS = {
+    C.REFERENCE_CHOSEN_LOGPS: "ref_chosen_logps",
+    C.REFERENCE_REJECTED_LOGPS: "ref_rejected_logps",
+    C.history_chosen_logps(0): "pi_t_chosen_logps",
+    C.history_rejected_logps(0): "pi_t_rejected_logps",
+    C.CHOSEN_WIN_RATE: "chosen_win_rate",
+    C.REJECTED_WIN_RATE: "rejected_win_rate",
+}
+
+
+def loss_columns(loss_type: str) -> list[str]:
+    """The per-pair columns `loss_type` reads besides the token ids (mnpo: the reference's; its history
+    columns are counted from the dataset)."""
+    opponents = C.LOSS_OPPONENTS[loss_type]
+    columns = []
+    if "reference" in opponents:
+        columns += [C.REFERENCE_CHOSEN_LOGPS, C.REFERENCE_REJECTED_LOGPS]
+    if "pi_t" in opponents:
+        columns += [C.history_chosen_logps(0), C.history_rejected_logps(0)]
+    if loss_type == "sppo":
+        columns += [C.CHOSEN_WIN_RATE, C.REJECTED_WIN_RATE]
+    return columns
+
+
+class LossFamilyCollator:
+    """Rows -> one batch of 2B sequences (chosen then rejected) and the (B,) columns a non-mnpo loss reads:
+    ref_{chosen,rejected}_logps, pi_t_{chosen,rejected}_logps, {chosen,rejected}_win_rate (`_BATCH_KEYS`)."""
+
+    def __init__(self, pad_token_id: int, columns: list[str]):
+        self.pad_token_id = pad_token_id
+        self.columns = columns
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        prompts = [r[PROMPT_INPUT_IDS] for r in rows]
+        batch = sequence_batch(
+            prompts + prompts,
+            [r[CHOSEN_INPUT_IDS] for r in rows] + [r[REJECTED_INPUT_IDS] for r in rows],
+            self.pad_token_id,
+        )
+        for column in self.columns:
+            batch[_BATCH_KEYS[column]] = torch.tensor([float(r[column]) for r in rows], dtype=torch.float32)
+        return batch
+
+
+def family_loss(
+    args: MNPOConfig, policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, batch: dict[str, Any]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The non-mnpo `args.loss_type` on a `LossFamilyCollator` batch (mnpo_loss keeps its own call)."""
+    pc, pr = policy_chosen_logps, policy_rejected_logps
+    if args.loss_type == "ipo":
+        return ipo_loss(pc, pr, batch["ref_chosen_logps"], batch["ref_rejected_logps"], tau=args.tau, beta=args.beta)
+    if args.loss_type == "inpo":
+        return inpo_loss(
+            pc, pr, batch["ref_chosen_logps"], batch["ref_rejected_logps"], batch["pi_t_chosen_logps"],
+            batch["pi_t_rejected_logps"], eta=args.eta, tau=args.tau, beta=args.beta,
+        )  # fmt: skip
+    if args.loss_type == "dpo":
+        return dpo_loss(pc, pr, batch["ref_chosen_logps"], batch["ref_rejected_logps"], beta=args.beta)
+    if args.loss_type == "dno":
+        return dno_loss(pc, pr, batch["pi_t_chosen_logps"], batch["pi_t_rejected_logps"], beta=args.beta)
+    if args.loss_type == "simpo":
+        return simpo_loss(pc, pr, beta=args.beta, gamma=args.simpo_gamma)
+    if args.loss_type == "sppo":
+        return sppo_loss(
+            pc, pr, batch["pi_t_chosen_logps"], batch["pi_t_rejected_logps"], batch["chosen_win_rate"],
+            batch["rejected_win_rate"], eta=args.eta, beta=args.beta,
+        )  # fmt: skip
+    raise ValueError(f"unknown loss_type {args.loss_type!r}")
+
+
 class MNPOTrainer(Trainer):
-    """Trainer whose loss is the MNPO loss; logs rewards/*, logps/* and the margin term z."""
+    """Trainer whose loss is the MNPO loss (or another `--loss_type` of its family); logs rewards/*, logps/*
+    and the loss's own terms (z for the squared losses)."""
 
     def __init__(self, model: Any, args: MNPOConfig, train_dataset: Any, num_history: int, **kwargs: Any):
         tokenizer = kwargs.get("processing_class")
         pad_id = 0
         if tokenizer is not None:
             pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        kwargs.setdefault("data_collator", MNPOCollator(pad_id, num_history))
+        if args.loss_type == "mnpo":
+            kwargs.setdefault("data_collator", MNPOCollator(pad_id, num_history))
+        else:
+            kwargs.setdefault("data_collator", LossFamilyCollator(pad_id, loss_columns(args.loss_type)))
         super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
         self.add_callback(NonFiniteGuard())  # a diverged run stops before its result is saved
         # Our loss is already a mean over pairs; let the Trainer divide by gradient-accumulation steps.
@@ -67,20 +144,23 @@ class MNPOTrainer(Trainer):
             model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"], args.logprob_chunk_size
         )
         logps = reduce_logps(per_token, inputs["completion_mask"].to(per_token.device), args.logp_reduction)
-        n = inputs["ref_chosen_logps"].shape[0]
-        losses, metrics = mnpo_loss(
-            logps[:n],
-            logps[n:],
-            inputs["ref_chosen_logps"],
-            inputs["ref_rejected_logps"],
-            inputs["history_chosen_logps"],
-            inputs["history_rejected_logps"],
-            eta=args.eta,
-            ratio=args.ratio,
-            history_weights=args.history_weights or None,
-            max_history_t=args.max_history_t,
-            beta=args.beta,
-        )
+        n = inputs["input_ids"].shape[0] // 2  # chosen rows, then rejected rows
+        if args.loss_type != "mnpo":
+            losses, metrics = family_loss(args, logps[:n], logps[n:], inputs)
+        else:
+            losses, metrics = mnpo_loss(
+                logps[:n],
+                logps[n:],
+                inputs["ref_chosen_logps"],
+                inputs["ref_rejected_logps"],
+                inputs["history_chosen_logps"],
+                inputs["history_rejected_logps"],
+                eta=args.eta,
+                ratio=args.ratio,
+                history_weights=args.history_weights or None,
+                max_history_t=args.max_history_t,
+                beta=args.beta,
+            )
         loss = losses.mean()
         mode = "train" if model.training else "eval"
         for name, value in metrics.items():
@@ -112,16 +192,60 @@ def _load_dataset(config: MNPOConfig):
         check_dataset(ds, config.dataset)  # finite log-probs, pairs that continue their prompt
     else:
         rows = load_records(config.dataset, config.dataset_split)
-        require_columns(rows, [C.REFERENCE_CHOSEN_LOGPS, C.REFERENCE_REJECTED_LOGPS], config.dataset)
+        if config.loss_type == "mnpo":
+            require_columns(rows, [C.REFERENCE_CHOSEN_LOGPS, C.REFERENCE_REJECTED_LOGPS], config.dataset)
+        else:
+            for i, row in enumerate(rows, start=1):  # records count from 1, as a JSONL file's lines do
+                _check_loss_columns(config, list(row), f"{config.dataset}: record {i}")
         ds = Dataset.from_list(rows)
     if len(ds) == 0:
         raise MnpoError(f"{config.dataset}: the dataset is empty")
-    missing = [c for c in (C.REFERENCE_CHOSEN_LOGPS, C.REFERENCE_REJECTED_LOGPS) if c not in ds.column_names]
-    if missing:
-        raise MnpoError(
-            f"{config.dataset}: missing column(s) {missing}; run `mnpo precompute --dataset ... --ref_model ...` first"
-        )
+    if config.loss_type == "mnpo":
+        missing = [c for c in (C.REFERENCE_CHOSEN_LOGPS, C.REFERENCE_REJECTED_LOGPS) if c not in ds.column_names]
+        if missing:
+            raise MnpoError(
+                f"{config.dataset}: missing column(s) {missing}; run `mnpo precompute --dataset ... --ref_model ...` first"
+            )
+        return ds
+    _check_loss_columns(config, ds.column_names, config.dataset)
+    if config.loss_type == "sppo":
+        _check_win_rates(ds, config.dataset)
     return ds
+
+
+def _check_loss_columns(config: MNPOConfig, column_names: list[str], where: str) -> None:
+    """One line naming the columns `--loss_type` needs that the data lacks, and the stage that writes them."""
+    missing = [c for c in loss_columns(config.loss_type) if c not in column_names]
+    if not missing:
+        return
+    lt = config.loss_type
+    if C.CHOSEN_WIN_RATE in missing or C.REJECTED_WIN_RATE in missing:
+        raise MnpoError(
+            f"{where}: --loss_type sppo needs the per-response win-rate column(s) "
+            f"{[c for c in missing if 'win_rate' in c]}, which `mnpo annotate` writes into pairs.jsonl "
+            f"(with {C.ALL_WIN_RATES}); annotate the responses, then precompute those pairs"
+        )
+    models = []
+    if C.REFERENCE_CHOSEN_LOGPS in missing or C.REFERENCE_REJECTED_LOGPS in missing:
+        models.append("--ref_model PI_REF")
+    if C.history_chosen_logps(0) in missing or C.history_rejected_logps(0) in missing:
+        models.append("--history_paths PI_T (the policy this run starts from)")
+    raise MnpoError(
+        f"{where}: --loss_type {lt} needs column(s) {missing}; run `mnpo precompute --loss_type {lt} "
+        f"{' '.join(models)}` on the pairs first"
+    )
+
+
+def _check_win_rates(ds: Any, source: str) -> None:
+    """sppo targets come from the win rates: each must be a probability (a pair member is never unscored)."""
+    from mnpo.io import is_finite_number
+
+    for name in (C.CHOSEN_WIN_RATE, C.REJECTED_WIN_RATE):
+        for i, value in enumerate(ds[name], start=1):
+            if not (is_finite_number(value) and 0.0 <= value <= 1.0):
+                raise MnpoError(
+                    f"{source}: row {i}: {name} must be a probability in [0, 1], got {value!r}; rerun `mnpo annotate`"
+                )
 
 
 def _check_precompute_metadata(config: MNPOConfig, tokenizer: Any) -> None:
@@ -198,14 +322,21 @@ def train_mnpo(config: MNPOConfig) -> Path:
     num_history = count_history_columns(dataset.column_names)
     if config.max_history_t is not None:
         num_history = min(num_history, config.max_history_t)
-    if config.history_weights and len(config.history_weights) < num_history:
+    if config.loss_type == "mnpo" and config.history_weights and len(config.history_weights) < num_history:
         raise MnpoError(
             f"history_weights has {len(config.history_weights)} entries but the dataset has {num_history} history "
             "opponents in use; give one weight per opponent (most recent first) or lower --max_history_t"
         )
-    logger.info(
-        "MNPO: %d rows, %d history opponent(s), eta=%s ratio=%s", len(dataset), num_history, config.eta, config.ratio
-    )
+    if config.loss_type == "mnpo":
+        logger.info(
+            "MNPO: %d rows, %d history opponent(s), eta=%s ratio=%s",
+            len(dataset),
+            num_history,
+            config.eta,
+            config.ratio,
+        )
+    else:
+        logger.info("%s: %d rows, columns %s", config.loss_type, len(dataset), loss_columns(config.loss_type))
     model = _load_model(config)
     ids = (ids for c in (PROMPT_INPUT_IDS, CHOSEN_INPUT_IDS, REJECTED_INPUT_IDS) for ids in dataset[c])
     max_token_id = max((max(s, default=0) for s in ids), default=0)

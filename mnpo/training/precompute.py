@@ -7,7 +7,10 @@
 Output: DIR holds the input rows (saved with `save_to_disk`, original order) plus the token ids used
 (`prompt_input_ids`, `chosen_input_ids`, `rejected_input_ids`) and the columns
 `reference_{chosen,rejected}_logps`, `history{j}_{chosen,rejected}_logps` (j = 0 most recent), and
-`precompute.json` (tokenisation fingerprint, reduction, models). Models are loaded one at a time; each
+`precompute.json` (tokenisation fingerprint, reduction, models). `--loss_type` other than mnpo scores only
+the opponents that loss trains against (mnpo.data.columns.LOSS_OPPONENTS): dpo/ipo the reference, dno/sppo
+pi_t (`--history_paths PI_T`, written as history0), inpo both, simpo none (ids only, `--tokenizer_name_or_path`);
+sppo also checks the pairs carry annotate's win rates. Models are loaded one at a time; each
 model's results are cached under DIR/.precompute_cache keyed by model files, tokenisation and data,
 so a rerun after a crash reuses finished models.
 """
@@ -19,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mnpo.data.columns import LOSS_OPPONENTS, LOSS_TYPES
 from mnpo.errors import MnpoError, check_model_path, check_vocab
 
 logger = logging.getLogger(__name__)
@@ -35,7 +39,17 @@ class PrecomputeConfig:
             "help": "preference pairs (prompt, chosen, rejected): JSONL/JSON/parquet file or save_to_disk folder"
         },
     )
-    ref_model: str = field(default=None, metadata={"help": "reference model (path or Hub id)"})
+    ref_model: str = field(
+        default=None, metadata={"help": "reference model (path or Hub id); not used by loss_type simpo, dno, sppo"}
+    )
+    loss_type: str = field(
+        default="mnpo",
+        metadata={
+            "help": "the train-mnpo --loss_type these columns are for: only its opponents are scored (mnpo: "
+            "reference + history; dpo, ipo: reference; inpo: reference + pi_t; dno, sppo: pi_t; simpo: none)",
+            "choices": list(LOSS_TYPES),
+        },
+    )
     output_dir: str = field(default=None, metadata={"help": "folder for the dataset with log-prob columns"})
     history_paths: list[str] = field(
         default_factory=list,
@@ -43,7 +57,8 @@ class PrecomputeConfig:
     )
     split: str = field(default=None, metadata={"help": "split to read when the dataset has several (default: train)"})
     tokenizer_name_or_path: str = field(
-        default=None, metadata={"help": "tokenizer with the chat template (default: the policy's, i.e. ref_model)"}
+        default=None,
+        metadata={"help": "tokenizer with the chat template (default: ref_model's, else pi_t's; simpo: required)"},
     )
     logp_reduction: str = field(
         default="mean", metadata={"help": "sequence log-prob: per-token mean or sum", "choices": ["mean", "sum"]}
@@ -71,9 +86,27 @@ class PrecomputeConfig:
     attn_implementation: str = field(default="sdpa", metadata={"help": "eager | sdpa | flash_attention_2"})
 
     def __post_init__(self):
-        for name in ("dataset", "ref_model", "output_dir"):
+        for name in ("dataset", "output_dir"):
             if not getattr(self, name):
                 raise ValueError(f"--{name} is required")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {list(LOSS_TYPES)}, got {self.loss_type!r}")
+        opponents = LOSS_OPPONENTS[self.loss_type]
+        if "reference" in opponents and not self.ref_model:
+            raise ValueError(f"--ref_model is required (--loss_type {self.loss_type} trains against pi_ref)")
+        if "reference" not in opponents and self.ref_model:
+            raise ValueError(f"--loss_type {self.loss_type} has no reference opponent; drop --ref_model")
+        if "pi_t" in opponents and len(self.history_paths) != 1:
+            raise ValueError(
+                f"--loss_type {self.loss_type} trains against pi_t alone: give --history_paths PI_T (the policy "
+                f"this iteration starts from), got {len(self.history_paths)} path(s)"
+            )
+        if not opponents and not self.tokenizer_name_or_path:
+            raise ValueError(
+                "--loss_type simpo scores no model: give --tokenizer_name_or_path (the policy's) for the token ids"
+            )
+        if self.history_paths and not {"history", "pi_t"} & set(opponents):
+            raise ValueError(f"--loss_type {self.loss_type} has no history opponent; drop --history_paths")
         from mnpo.config import check_at_least, check_causal_lm
 
         check_at_least(self, 1, "max_prompt_length", "per_device_batch_size", "logprob_chunk_size")
@@ -82,7 +115,8 @@ class PrecomputeConfig:
             raise ValueError(
                 f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length ({self.max_length})"
             )
-        check_causal_lm(self.ref_model, "ref_model")
+        if self.ref_model:
+            check_causal_lm(self.ref_model, "ref_model")
         for path in self.history_paths:
             check_causal_lm(path, "history_paths")
 
@@ -249,6 +283,24 @@ def _check_finite(values: list[float], n: int, prefix: str, path: str, config: P
         )
 
 
+def _check_win_rates(rows: list[dict[str, Any]], source: str) -> None:
+    """sppo's targets are the pair members' win rates, which `mnpo annotate` writes: refuse pairs without them."""
+    from mnpo.data import columns as C
+    from mnpo.io import is_finite_number
+
+    for i, row in enumerate(rows, start=1):
+        for name in (C.CHOSEN_WIN_RATE, C.REJECTED_WIN_RATE):
+            if name not in row:
+                raise MnpoError(
+                    f"{source}: row {i} has no '{name}' column; --loss_type sppo needs the per-response win rates "
+                    f"that `mnpo annotate` writes into pairs.jsonl ({C.ALL_WIN_RATES}, {C.CHOSEN_WIN_RATE}, "
+                    f"{C.REJECTED_WIN_RATE}): annotate the responses first"
+                )
+            value = row[name]
+            if not (is_finite_number(value) and 0.0 <= value <= 1.0):
+                raise MnpoError(f"{source}: row {i}: {name} must be a probability in [0, 1], got {value!r}")
+
+
 def _barrier():
     import torch.distributed as dist
 
@@ -303,14 +355,19 @@ def precompute_logps(config: PrecomputeConfig) -> Path:
     check_model_path(config.tokenizer_name_or_path, "--tokenizer_name_or_path", "tokenizer")
     rows = load_records(config.dataset, config.split)
     require_columns(rows, [C.PROMPT, C.CHOSEN, C.REJECTED], config.dataset)
-    tok_path = config.tokenizer_name_or_path or config.ref_model
+    if config.loss_type == "sppo":
+        _check_win_rates(rows, config.dataset)
+    # The first model scored gives the context length; simpo scores none and reads only the tokenizer.
+    first_model = config.ref_model or (config.history_paths[0] if config.history_paths else None)
+    tok_path = config.tokenizer_name_or_path or first_model
     try:
         tokenizer = load_tokenizer(tok_path)
     except OSError as exc:
         raise MnpoError(f"could not load the tokenizer from {tok_path}: {exc}") from exc
     if tokenizer.chat_template is None:
         raise MnpoError(f"tokenizer {tok_path} has no chat template; pass --tokenizer_name_or_path of one that has")
-    resolve_pair_lengths(config, model_context(config.ref_model, tokenizer), config.ref_model)
+    context_from = first_model or tok_path
+    resolve_pair_lengths(config, model_context(context_from, tokenizer), context_from)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     encoded = []
@@ -329,7 +386,8 @@ def precompute_logps(config: PrecomputeConfig) -> Path:
     n = len(rows)
     max_token_id = max((max(s, default=0) for s in prompts + completions), default=0)
 
-    models = [("reference", config.ref_model)] + [(f"history{j}", p) for j, p in enumerate(config.history_paths)]
+    models = [("reference", config.ref_model)] if config.ref_model else []
+    models += [(f"history{j}", p) for j, p in enumerate(config.history_paths)]
     columns: dict[str, list[float]] = {}
     model_meta = []
     for prefix, path in models:
@@ -377,6 +435,7 @@ def precompute_logps(config: PrecomputeConfig) -> Path:
             output_dir / METADATA_FILE,
             {
                 TOKENIZATION_FINGERPRINT: fingerprint,
+                "loss_type": config.loss_type,
                 "tokenizer": str(tok_path),
                 "logp_reduction": config.logp_reduction,
                 "max_length": config.max_length,
