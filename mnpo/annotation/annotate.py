@@ -4,8 +4,9 @@ build preference pairs in the training schema. Resumable and data-parallel like 
 Output folder (--output_dir DIR):
     DIR/shards/<model>/shard-00000.jsonl ...  per-model scores, one file per chunk (the resume unit)
     DIR/scored.jsonl          every scored record: responses, rm_scores {model: [...]}, rm_truncated,
-                              preference_matrix {pm: K x K P(row > column)}
-    DIR/pairs.jsonl           pairs labelled by --label_with (training schema)
+                              preference_matrix {pm: K x K P(row > column)}, win_rates {model: [...]}
+    DIR/pairs.jsonl           pairs labelled by --label_with (training schema), with the labelling model's
+                              per-response win rates: all_win_rates, chosen_win_rate, rejected_win_rate
     DIR/pairs_by_model/<model>.jsonl   with several models: the pairs each model would pick (HT-MNPO)
     DIR/stats.json            counts: skipped records, truncated inputs, non-finite scores, dropped pairs
     DIR/annotate_config.yaml  the resolved config
@@ -362,6 +363,10 @@ def pair_record(record: dict[str, Any], scored: dict[str, Any], name: str, i: in
         C.ALL_RESPONSES: responses,
         C.ALL_RM_SCORES: scores,
         "rm_scores": scored["rm_scores"],
+        # P(y > the other K - 1 responses) by this model: sppo's targets (train-mnpo --loss_type sppo).
+        C.ALL_WIN_RATES: scored["win_rates"][name],
+        C.CHOSEN_WIN_RATE: scored["win_rates"][name][i],
+        C.REJECTED_WIN_RATE: scored["win_rates"][name][j],
         "chosen_score": scores[i],
         "rejected_score": scores[j],
         "chosen_index": i,
@@ -396,6 +401,7 @@ def build_pairs(records, scored_rows, name: str, config: AnnotateConfig):
 
 def annotate(config: AnnotateConfig) -> Path | None:
     """Score this process's shards with every model; merge and select pairs once all shards are done."""
+    from mnpo.annotation.pairs import bradley_terry_win_rates
     from mnpo.config import save_config
     from mnpo.io import load_records, write_json, write_jsonl
 
@@ -456,12 +462,16 @@ def annotate(config: AnnotateConfig) -> Path | None:
     per_model = {name: stores[name].read_all() for name in names}
     scored_rows = []
     for n, record in enumerate(records):
-        row = {**record, "rm_scores": {}, "rm_truncated": {}, "_keys": {}}
+        row = {**record, "rm_scores": {}, "rm_truncated": {}, "win_rates": {}, "_keys": {}}
         row.pop(C.ALL_RM_SCORES, None)
         for name, kind, _ in specs:
             s = per_model[name][n]
             row["rm_scores"][name] = [_clean(x) for x in s["scores"]]
             row["_keys"][name] = s["keys"]
+            # A pairwise judge's score already is the win rate (mean of its preference-matrix row); scalar
+            # scores become win rates through Bradley-Terry.
+            win_rates = row["rm_scores"][name] if kind == "pm" else bradley_terry_win_rates(row["rm_scores"][name])
+            row["win_rates"][name] = win_rates
             if kind == "rm":
                 row["rm_truncated"][name] = s["truncated"]
             if kind == "pm":

@@ -8,6 +8,8 @@ A candidate pair is dropped, and counted under its reason, when its two response
 (same key, e.g. the same reward-model input after truncation), when the scores tie, or when the
 margin is below `min_margin`. Responses without a finite score take no part.
 Ties between equal top (or bottom) scores resolve to the lowest index, so results are deterministic.
+
+`bradley_terry_win_rates` turns scalar scores into per-response win rates (for `train-mnpo --loss_type sppo`).
 """
 
 from __future__ import annotations
@@ -83,3 +85,24 @@ def select_pairs(
         else:
             skipped[reason] += 1
     return pairs, skipped
+
+
+def bradley_terry_win_rates(scores: Sequence[float | None]) -> list[float | None]:
+    """Each response's estimated P(y > the other responses of its prompt) from scalar scores (algorithms.md 2.5):
+    the mean over the other scored responses j of sigmoid(s_y - s_j). None for an unscored response, or when
+    fewer than two responses have a score."""
+    valid = [i for i, s in enumerate(scores) if _finite(s)]
+    out: list[float | None] = [None] * len(scores)
+    if len(valid) < 2:
+        return out
+    for i in valid:
+        out[i] = sum(_sigmoid(scores[i] - scores[j]) for j in valid if j != i) / (len(valid) - 1)
+    return out
+
+
+def _sigmoid(x: float) -> float:
+    # Two branches so that exp never overflows for large score gaps.
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)
