@@ -45,6 +45,10 @@ logger = logging.getLogger(__name__)
 # the only stage launched across nodes).
 DECODE, DATA_PARALLEL, TRAIN, SINGLE = "decode", "data_parallel", "train", "single"
 _NODE_RANK = "__MNPO_NODE_RANK__"  # replaced by each node's $SLURM_NODEID inside `srun bash -c`
+# A killed training stage keeps its partial folder and the rerun continues from the newest complete
+# checkpoint there (none: it starts over), with the same final weights (tests/integration/test_resume.py).
+# Checkpoints are written only if train_args ask for them (save_strategy: steps, save_steps: N).
+_TRAIN_RESUME = {"resumable": True, "run_flags": ("--resume_from_checkpoint", "auto")}
 
 
 def _die_with_parent():
@@ -201,15 +205,20 @@ class Pipeline:
         resumable: bool = False,
         record: dict | None = None,
         after=None,
+        run_flags: tuple[str, ...] = (),
     ) -> Stage:
-        """A stage that runs `mnpo <command> <args> --output_dir <partial>`."""
+        """A stage that runs `mnpo <command> <args> --output_dir <partial>`.
+
+        `run_flags` go on the command line before `args` (so a flag in `args` overrides them) but not
+        into the stage's fingerprint: they must not change the stage's result.
+        """
         params = {"command": command, "args": args}
 
         def run(partial: Path) -> None:
             if kind == DECODE:
                 self._exec_decode(name, args + ["--output_dir", str(partial)])
             else:
-                self._exec(name, kind, command, args + ["--output_dir", str(partial)])
+                self._exec(name, kind, command, [*run_flags, *args, "--output_dir", str(partial)])
             if after is not None:
                 after(partial)
 
@@ -457,6 +466,7 @@ class Pipeline:
                 model_dir,
                 inputs,
                 record={"models": {"init": current, "reference": p.ref, "history": history}, "seed": c.seed},
+                **_TRAIN_RESUME,
             )
         )
         return stages
@@ -577,6 +587,7 @@ class Pipeline:
             model_dir,
             inputs,
             record={"models": {"init": current, "reference": p.ref, "judge": p.egpo_judge}},
+            **_TRAIN_RESUME,
         )
 
     def _eval_stage(self, name, t, models, names, output) -> Stage:

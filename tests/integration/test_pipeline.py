@@ -179,6 +179,40 @@ def test_kill_minus_9_then_rerun_gives_the_same_artifacts(reference_run, toy_wor
     assert _final_artifacts(out) == _final_artifacts(reference_run)
 
 
+def test_killed_training_resumes_from_its_newest_checkpoint(toy_world, small_world, tmp_path):
+    """With checkpoints asked for in train_args, a training stage killed after its first checkpoint keeps
+    its partial folder, and the rerun continues from that checkpoint to the same weights."""
+    import yaml
+
+    out = tmp_path / "run"
+    train_args = yaml.safe_load((REPO / "configs" / "pipeline" / "toy.yaml").read_text())["train_args"]
+    train_args |= {"save_strategy": "steps", "save_steps": 1}  # 16 pairs, batch 8: 2 steps, checkpoint-1 and -2
+    argv = _argv(toy_world, small_world, out, "--num_iterations", "1", "--train_args", json.dumps(train_args))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "mnpo.cli", "pipeline", *argv]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    checkpoint = out / "iter1" / ".model.partial" / "checkpoint-1" / "trainer_state.json"  # written last
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not checkpoint.is_file():
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.is_file() and not (out / "iter1" / "model").exists(), "the run ended before the kill point"
+
+    done = _run(argv)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stage = json.loads((out / "manifest.json").read_text())["stages"]["iter1/train"]
+    assert stage.get("resumed_partial") is True
+    assert "resuming from " in (out / "logs" / "iter1-train.log").read_text()
+    straight = tmp_path / "straight"  # one uninterrupted iteration without checkpoints (the split depends on T)
+    assert _run(_argv(toy_world, small_world, straight, "--num_iterations", "1")).returncode == 0
+    assert sha256_tree(out / "iter1" / "model" / "model.safetensors") == sha256_tree(
+        straight / "iter1" / "model" / "model.safetensors"
+    )
+
+
 def _running(pid: int) -> bool:
     """Alive and not a zombie (a killed pipeline's orphan is reaped by init, maybe late)."""
     try:
