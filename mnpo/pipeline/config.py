@@ -10,6 +10,8 @@ import json
 import shlex
 from dataclasses import dataclass, field
 
+from mnpo.data.columns import LOSS_TYPES  # constants only: this module stays light
+
 MODES = ("td-mnpo", "ht-mnpo", "egpo")
 ITERATION1 = ("existing", "rescore", "on_policy")
 LAUNCHERS = ("python", "torchrun", "accelerate")
@@ -115,6 +117,21 @@ class PipelineConfig:
     )
 
     # --- the recipe, per iteration (a list; its last value repeats for later iterations) ----------
+    loss_type: str = field(
+        default="mnpo",
+        metadata={
+            "help": "td-mnpo mode: `train-mnpo --loss_type` of every iteration (mnpo, or a baseline: ipo, inpo, dpo, "
+            "simpo, sppo, dno; docs/mnpo.md); precompute scores only that loss's opponents",
+            "choices": list(LOSS_TYPES),
+        },
+    )
+    tau: list[float] = field(
+        default=None, metadata={"help": "loss_type ipo / inpo: KL strength tau per iteration (train-mnpo --tau)"}
+    )
+    beta: list[float] = field(
+        default=None,
+        metadata={"help": "train-mnpo --beta per iteration (the logistic scale of dpo, dno, simpo; default its own)"},
+    )
     eta: list[float] = field(
         default_factory=lambda: [0.0075], metadata={"help": "MNPO eta per iteration (paper: 0.0075)"}
     )
@@ -222,5 +239,19 @@ class PipelineConfig:
                 raise ValueError(f"--{name} needs at least one value")
         for name in ("toy_args", "decode_args", "annotate_args", "precompute_args", "train_args", "eval_args"):
             extra_flags(getattr(self, name), name)  # fail at parse time, not in iteration 3
+        if self.loss_type != "mnpo" and self.mode != "td-mnpo":
+            raise ValueError(
+                f"--loss_type {self.loss_type} runs in mode td-mnpo (iterative, like TD-MNPO); got --mode {self.mode}"
+            )
+        if self.loss_type in ("ipo", "inpo") and not self.tau:
+            if not self.train_configs and "--tau" not in extra_flags(self.train_args):
+                raise ValueError(f"--loss_type {self.loss_type} needs --tau (the KL strength, one value per iteration)")
+        if self.loss_type == "sppo" and self.iteration1 == "existing":
+            raise ValueError(
+                "--loss_type sppo needs per-response win rates, which annotate writes: set --iteration1 on_policy "
+                "(or rescore) so iteration 1's pairs are annotated too"
+            )
+        if self.tau and self.loss_type not in ("ipo", "inpo"):
+            raise ValueError(f"--tau is used by loss_type ipo and inpo only; drop it for --loss_type {self.loss_type}")
         if self.num_machines > 1 and self.launcher != "accelerate":
             raise ValueError("num_machines > 1 needs launcher accelerate")

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from mnpo.config import save_config
+from mnpo.data.columns import LOSS_OPPONENTS
 from mnpo.errors import MnpoError
 from mnpo.pipeline.config import PipelineConfig, extra_flags
 from mnpo.pipeline.guard import GRACE_S
@@ -405,6 +406,9 @@ class Pipeline:
             pairs = pdir / "annotate" / "pairs.jsonl"
         else:
             pairs = part
+        if c.loss_type != "mnpo":
+            # A baseline of the MNPO family: its own opponents only (mnpo.data.columns.LOSS_OPPONENTS).
+            return stages + self._loss_family_stages(prefix, pdir, t, current, pairs, model_dir)
         if c.mode == "ht-mnpo":
             # Player q's opponents are the other players' current checkpoints (algorithms.md 1.3).
             history = [policies[o][t - 1] for o in range(len(policies)) if o != q]
@@ -449,6 +453,8 @@ class Pipeline:
         ]
         if c.history_weights:
             train_args += ["--history_weights", *map(_fmt, c.history_weights[: len(history)])]
+        if c.beta:
+            train_args += ["--beta", _fmt(_per_iteration(c.beta, t))]
         if c.train_configs:
             train_args = ["--config", _per_iteration(c.train_configs, t), *train_args]
         train_args += extra_flags(c.train_args)
@@ -470,6 +476,68 @@ class Pipeline:
             )
         )
         return stages
+
+    def _loss_family_stages(self, prefix, pdir, t, current, pairs, model_dir) -> list[Stage]:
+        """precompute + train-mnpo of a non-mnpo `loss_type`, iterated like TD-MNPO: pi_t (`current`, the
+        policy this iteration starts from) is the opponent of inpo, dno and sppo; dpo, ipo, inpo train against
+        pi_ref; simpo against nothing (precompute only stores the token ids)."""
+        c, p = self.config, self.paths
+        opponents = LOSS_OPPONENTS[c.loss_type]
+        ref = p.ref if "reference" in opponents else None
+        history = [current] if "pi_t" in opponents else []
+        models = ["--ref_model", ref] if ref else []
+        models += ["--history_paths", *history] if history else []
+        models += [] if opponents else ["--tokenizer_name_or_path", current]
+        precompute = self.cli_stage(
+            f"{prefix}/precompute",
+            DATA_PARALLEL,
+            "precompute",
+            ["--dataset", str(pairs), "--loss_type", c.loss_type, *models, *extra_flags(c.precompute_args)],
+            pdir / "precompute",
+            self._local(pairs=pairs, ref=ref, **{f"history{j}": h for j, h in enumerate(history)}),
+            resumable=True,
+            record={"models": {"reference": ref, "history": history}, "loss_type": c.loss_type},
+        )
+        train_args = [
+            "--model_name_or_path",
+            current,
+            "--dataset",
+            str(pdir / "precompute"),
+            "--loss_type",
+            c.loss_type,
+            "--learning_rate",
+            _fmt(_per_iteration(c.learning_rate, t)),
+            "--seed",
+            str(c.seed),
+        ]
+        if c.loss_type in ("inpo", "sppo"):  # eta sets inpo's target margin and scales sppo's targets
+            train_args += ["--eta", _fmt(_per_iteration(c.eta, t))]
+        if c.tau:
+            train_args += ["--tau", _fmt(_per_iteration(c.tau, t))]
+        if c.beta:
+            train_args += ["--beta", _fmt(_per_iteration(c.beta, t))]
+        if c.train_configs:
+            train_args = ["--config", _per_iteration(c.train_configs, t), *train_args]
+        train_args += extra_flags(c.train_args)
+        inputs = self._local(
+            data=pdir / "precompute",
+            policy=current,
+            train_config=_per_iteration(c.train_configs, t) if c.train_configs else None,
+        )
+        train = self.cli_stage(
+            f"{prefix}/train",
+            TRAIN,
+            "train-mnpo",
+            train_args,
+            model_dir,
+            inputs,
+            record={
+                "models": {"init": current, "reference": ref, "history": history},
+                "loss_type": c.loss_type,
+                "seed": c.seed,
+            },
+        )
+        return [precompute, train]
 
     def _backend_flags(self) -> list[str]:
         backend = self.config.decode_backend
