@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from mnpo.data.chat import load_pair_template, pair_text
+from mnpo.data.chat import load_pair_template
 from mnpo.judges.base import Judge, check_judge_inputs
 
 
@@ -49,37 +49,17 @@ class PairwisePreferenceJudge(Judge):
         max_length = resolve_max_length(kwargs.pop("max_length", None), context, "max_length", path)
         return cls(model.to(_device(device)), tokenizer, load_pair_template(path), max_length=max_length, **kwargs)
 
-    @torch.no_grad()
-    def _class0_probs(self, texts: list[str]) -> tuple[list[float], list[bool]]:
-        """(P(class 0), whether the text was longer than max_length and so truncated) per text."""
-        # Batches of similar length: padding is wasted compute (it doubled the tokens on the toy PM).
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out = [0.0] * len(texts)
-        cut = [len(ids) > self.max_length for ids in self.tokenizer(texts)["input_ids"]]
-        device = next(self.model.parameters()).device
-        for start in range(0, len(texts), self.batch_size):
-            index = order[start : start + self.batch_size]
-            enc = self.tokenizer(
-                [texts[i] for i in index],
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-            ).to(device)
-            logits = self.model(**enc).logits.float()
-            for i, p in zip(index, torch.softmax(logits, -1)[:, 0].tolist()):
-                out[i] = p
-        return out, cut
-
     def judge_with_truncation(self, prompts, pairs) -> tuple[list[float], list[bool]]:
         """`judge`, plus per pair whether either order's text was truncated (so the model may not have
-        seen the responses at all: a pair cut to its prompt scores a meaningless 0.5)."""
+        seen all of both responses). Scored exactly as `mnpo train-pm` trained the model: the text's
+        end is kept, since the classifier pools the last token."""
+        from mnpo.training.preference_model import preference_probabilities_with_truncation
+
         check_judge_inputs(prompts, pairs)
-        n = len(prompts)
-        texts = [pair_text(p, a, b, self.template) for p, (a, b) in zip(prompts, pairs)]
-        texts += [pair_text(p, b, a, self.template) for p, (a, b) in zip(prompts, pairs)]
-        probs, cut = self._class0_probs(texts) if texts else ([], [])
-        return [(probs[i] + (1.0 - probs[n + i])) / 2.0 for i in range(n)], [cut[i] or cut[n + i] for i in range(n)]
+        firsts, seconds = [a for a, _ in pairs], [b for _, b in pairs]
+        return preference_probabilities_with_truncation(
+            self.model, self.tokenizer, self.template, list(prompts), firsts, seconds, self.batch_size, self.max_length
+        )
 
     def _judge(self, prompts, pairs):
         return self.judge_with_truncation(prompts, pairs)[0]

@@ -103,6 +103,64 @@ def pair_input_ids(tokenizer, template: str, prompt: Any, first: str, second: st
     return ids
 
 
+def pair_class0_probabilities(
+    model,
+    tokenizer,
+    template: str,
+    prompts: Sequence[Any],
+    firsts: Sequence[str],
+    seconds: Sequence[str],
+    batch_size: int = 64,
+    max_length: int | None = None,
+) -> tuple[list[float], list[bool]]:
+    """P(class 0 = first preferred) of each (prompt, first, second) as presented, and whether its text
+    was longer than `max_length` tokens (then its end is kept, exactly as in training)."""
+    import torch
+
+    model.eval()
+    device = next(model.parameters()).device
+    ids = [pair_input_ids(tokenizer, template, p, a, b, None) for p, a, b in zip(prompts, firsts, seconds)]
+    cut = [max_length is not None and len(x) > max_length for x in ids]
+    ids = [x[-max_length:] if c else x for x, c in zip(ids, cut)]
+    # Batches of similar length: padding is wasted compute (it doubled the tokens on the toy PM).
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out = [0.0] * len(ids)
+    for start in range(0, len(ids), batch_size):
+        index = order[start : start + batch_size]
+        batch = tokenizer.pad({"input_ids": [ids[i] for i in index]}, return_tensors="pt", padding_side="right")
+        with torch.no_grad():
+            probs = model(**batch.to(device)).logits.float().softmax(-1)[:, 0].tolist()
+        for i, p in zip(index, probs):
+            out[i] = p
+    return out, cut
+
+
+def preference_probabilities_with_truncation(
+    model,
+    tokenizer,
+    template: str,
+    prompts: Sequence[Any],
+    firsts: Sequence[str],
+    seconds: Sequence[str],
+    batch_size: int = 64,
+    max_length: int | None = None,
+) -> tuple[list[float], list[bool]]:
+    """P(first > second | prompt) per triple, averaged over both presentation orders (so exactly
+    antisymmetric, with no position bias), and whether either order's text was truncated."""
+    n = len(prompts)
+    probs, cut = pair_class0_probabilities(
+        model,
+        tokenizer,
+        template,
+        [*prompts, *prompts],
+        [*firsts, *seconds],
+        [*seconds, *firsts],
+        batch_size,
+        max_length,
+    )
+    return [(probs[i] + (1.0 - probs[n + i])) / 2.0 for i in range(n)], [cut[i] or cut[n + i] for i in range(n)]
+
+
 def preference_probabilities(
     model,
     tokenizer,
@@ -114,28 +172,9 @@ def preference_probabilities(
     max_length: int | None = None,
 ) -> list[float]:
     """P(first > second | prompt) per triple, averaged over both presentation orders."""
-    import torch
-
-    model.eval()
-    device = next(model.parameters()).device
-
-    def p_first(ps, fs, ss) -> list[float]:
-        out: list[float] = []
-        for start in range(0, len(ps), batch_size):
-            ids = [
-                pair_input_ids(tokenizer, template, p, a, b, max_length)
-                for p, a, b in zip(
-                    ps[start : start + batch_size], fs[start : start + batch_size], ss[start : start + batch_size]
-                )
-            ]
-            batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt", padding_side="right").to(device)
-            with torch.no_grad():
-                out += model(**batch).logits.float().softmax(-1)[:, 0].tolist()
-        return out
-
-    forward = p_first(list(prompts), list(firsts), list(seconds))
-    backward = p_first(list(prompts), list(seconds), list(firsts))
-    return [(f + (1.0 - b)) / 2.0 for f, b in zip(forward, backward)]
+    return preference_probabilities_with_truncation(
+        model, tokenizer, template, prompts, firsts, seconds, batch_size, max_length
+    )[0]
 
 
 def train_preference_model(config: PMRunConfig) -> Path:

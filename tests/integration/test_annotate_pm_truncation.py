@@ -80,3 +80,24 @@ def test_max_length_past_the_context_is_an_error(tiny_pm, tmp_path, capsys):
     argv = ["annotate", "--dataset", str(_data(tmp_path)), "--output_dir", str(tmp_path / "o")]
     assert main([*argv, "--preference_model", str(tiny_pm), "--max_length", "1000", "--device", "cpu"]) == 2
     assert "--max_length 1000 exceeds the context" in capsys.readouterr().err
+
+
+def test_judge_truncates_like_train_pm_keeping_the_end(tiny_pm):
+    """The judge scores a too-long pair text exactly as train-pm trained on it: the end is kept (the
+    classifier pools the last token). It used to keep the start, so the second response, and the token
+    the score is read from, could be cut off."""
+    from mnpo.data.chat import pair_text
+    from mnpo.judges.local import PairwisePreferenceJudge
+    from mnpo.training.preference_model import pair_class0_probabilities, pair_input_ids
+
+    judge = PairwisePreferenceJudge.from_pretrained(str(tiny_pm), max_length=64)
+    prompt, first, second = "what is two plus two", LONG, "four"
+    probs, cut = judge.judge_with_truncation([prompt], [(first, second)])
+    assert cut == [True]
+    (p_forward, p_backward), _ = pair_class0_probabilities(
+        judge.model, judge.tokenizer, judge.template, [prompt] * 2, [first, second], [second, first], max_length=64
+    )
+    assert probs[0] == pytest.approx((p_forward + 1 - p_backward) / 2, abs=1e-6)
+    ids = pair_input_ids(judge.tokenizer, judge.template, prompt, first, second, 64)
+    full = judge.tokenizer(pair_text(prompt, first, second, judge.template))["input_ids"]
+    assert len(ids) == 64 and ids == full[-64:]  # ends with the second response
