@@ -113,7 +113,9 @@ def write_report(run_dir: Path, config: Any, t: int, out: Path) -> Path:
             evals.append(json.loads(path.read_text()))
     lines = [f"# MNPO run report — iteration {t} of {config.num_iterations}", ""]
     lines += [
-        f"- mode: `{config.mode}`, seed {config.seed}",
+        f"- mode: `{config.mode}`, seed {config.seed}"
+        # A baseline of the MNPO family says which; the default mnpo report reads as before.
+        + (f", loss_type `{config.loss_type}`" if getattr(config, "loss_type", "mnpo") != "mnpo" else ""),
         f"- run folder: `{run_dir}`",
         f"- manifest: `{run_dir / 'manifest.json'}` (stage status, hashes, models, versions)",
         "",

@@ -127,3 +127,4 @@ def test_one_sppo_iteration_on_the_toy_world(toy_world, tmp_path):
     assert "loss_type: sppo" in config
     state = json.loads((out / "iter1" / "model" / "trainer_state.json").read_text())
     assert "target/chosen" in state["log_history"][0]
+    assert "loss_type `sppo`" in (out / "iter1" / "report" / "report.md").read_text()
