@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -256,6 +257,16 @@ def _check_precompute_metadata(config: MNPOConfig, tokenizer: Any) -> None:
     if not meta_path.is_file():
         return
     meta = json.loads(meta_path.read_text())
+    if "pi_t" in C.LOSS_OPPONENTS[config.loss_type]:
+        # inpo, dno and sppo are defined against the policy this iteration starts from.
+        pi_t = next((m["path"] for m in meta.get("models", []) if m.get("columns") == "history0"), None)
+        if pi_t is not None and Path(pi_t).resolve() != Path(config.model_name_or_path).resolve():
+            warnings.warn(
+                f"{meta_path}: --loss_type {config.loss_type} trains against pi_t, but history0 was scored with "
+                f"{pi_t}, not the policy being trained ({config.model_name_or_path}); rerun precompute with "
+                "--history_paths set to the policy unless this is intended",
+                stacklevel=2,
+            )
     if meta.get("logp_reduction") != config.logp_reduction:
         raise MnpoError(
             f"{meta_path}: log-probs were precomputed with logp_reduction={meta.get('logp_reduction')} but training "

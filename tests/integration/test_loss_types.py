@@ -174,3 +174,15 @@ def test_precompute_config_asks_for_the_loss_types_models(world, tmp_path, capsy
     base = ["precompute", "--dataset", str(world["pairs"]), "--output_dir", str(tmp_path / "pre")]
     assert main(base + argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_pi_t_scored_with_another_model_is_flagged(world, tmp_path):
+    from mnpo.cli import main
+
+    other = build_tiny_policy(tmp_path / "other", 7)
+    pre = tmp_path / "pre"
+    argv = ["precompute", "--dataset", str(world["pairs"]), "--output_dir", str(pre), "--loss_type", "dno",
+            "--history_paths", str(other), *LENGTHS]  # fmt: skip
+    assert main(argv) == 0
+    with pytest.warns(UserWarning, match="history0 was scored with"):
+        _train(world, pre, tmp_path / "model", "dno")
