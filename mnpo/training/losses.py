@@ -115,6 +115,7 @@ def mnpo_loss(
 # precompute) and returns (losses (B,) in float32 (float64 if given), detached metrics). Opponent inputs go to
 # the policy's compute dtype before any subtraction, as in `mnpo_loss`.
 
+
 def _as_policy(policy_logps: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
     policy_logps = _upcast(policy_logps)
     return [policy_logps] + [o.to(policy_logps.device, policy_logps.dtype) for o in others]
