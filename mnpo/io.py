@@ -60,9 +60,14 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> i
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read a JSONL file; a bad line is an error naming the file and line number."""
+    """Read a JSONL file; a bad line is an error naming the file and line number.
+
+    Blank lines may only end the file: every stage numbers rows from 1 and calls that number the
+    row's line, so a blank line between records would make later messages point at the wrong line.
+    """
     path = Path(path)
     records = []
+    blank = None  # the first blank line not yet followed by a record
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
@@ -70,7 +75,10 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
             except UnicodeDecodeError as exc:
                 raise MnpoError(f"{path}:{lineno}: not valid UTF-8 ({exc}); re-encode the file as UTF-8") from exc
             if not line.strip():
+                blank = blank or lineno
                 continue
+            if blank is not None:
+                raise MnpoError(f"{path}:{blank}: blank line between records (JSONL is one object per line); remove it")
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:

@@ -41,13 +41,24 @@ GOOD = json.dumps(_pair(reference_chosen_logps=-1.5, reference_rejected_logps=-2
 )
 def test_bad_logp_names_file_line_and_column(tmp_path, column, literal, shown):
     bad = GOOD[:-1] + f', "{column}": {literal}}}'
-    # Line 3 of the file: a blank line counts, as in an editor.
-    path = _write_lines(tmp_path / "pre.jsonl", [GOOD, "", bad])
+    path = _write_lines(tmp_path / "pre.jsonl", [GOOD, GOOD, bad])
     with pytest.raises(MnpoError) as err:
         load_records(path)
     message = str(err.value)
     assert message.startswith(f"{path} line 3: column '{column}' {shown}")
     assert "mnpo precompute" in message and "\n" not in message
+
+
+def test_blank_lines_may_end_a_jsonl_file_but_not_separate_records(tmp_path):
+    """Stages number rows from 1 and call the number a line; a blank line between records would make
+    every later message point one line too high, so it is refused (it used to be skipped)."""
+    path = _write_lines(tmp_path / "ok.jsonl", [GOOD, GOOD, "", "  "])
+    assert len(load_records(path)) == 2
+    path = _write_lines(tmp_path / "gap.jsonl", [GOOD, "", GOOD])
+    with pytest.raises(
+        MnpoError, match=r"gap\.jsonl:2: blank line between records \(JSONL is one object per line\); remove it$"
+    ):
+        load_records(path)
 
 
 def test_scores_may_be_null_but_not_nan_or_text(tmp_path):
