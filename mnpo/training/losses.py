@@ -110,7 +110,7 @@ def mnpo_loss(
     return losses, metrics
 
 
-# --- The MNPO loss family (MNPO paper Table 1): special cases trained by `train-mnpo --loss_type` ------------
+# --- The MNPO loss family (MNPO paper Table 1; algorithms.md 1.5): `train-mnpo --loss_type` ------------------
 # Every function takes sequence log-probs (B,) of the policy and of the opponent it needs (constants, from
 # precompute) and returns (losses (B,) in float32 (float64 if given), detached metrics). Opponent inputs go to
 # the policy's compute dtype before any subtraction, as in `mnpo_loss`.
