@@ -1,6 +1,6 @@
 """Pure loss functions: sequence log-probs and hyperparameters in, per-example losses and detached
 metrics out. No model, config or I/O here. The LLM trainers and the tabular simulator call the same
-functions. Equations refer to shared/docs/algorithms.md (the spec).
+functions. Equations refer to docs/algorithms.md.
 """
 
 from __future__ import annotations

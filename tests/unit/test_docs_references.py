@@ -26,6 +26,11 @@ def test_the_citations_are_found():
     assert {"1.2", "2.3", "3"} <= cited  # the pattern still matches how the code cites
 
 
+def test_the_spec_cited_is_the_projects_own():
+    outside = [str(p.relative_to(REPO)) for p in SOURCES if "shared/docs/algorithms" in p.read_text()]
+    assert not outside, "cite docs/algorithms.md, the project's own, not the spec outside the repository"
+
+
 def test_every_cited_section_exists():
     sections = _sections()
     missing = {
