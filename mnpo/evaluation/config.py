@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-JUDGE_KINDS = ("oracle", "reward", "pairwise", "remote")
+JUDGE_KINDS = ("oracle", "reward", "pairwise", "remote", "llm")
 
 
 def parse_judge_spec(spec: str) -> tuple[str, str]:
-    """'KIND=PATH_OR_URL' -> (kind, path or URL)."""
+    """'KIND=PATH_OR_URL' -> (kind, path or URL); for `llm` the target is URL#MODEL."""
     if "=" not in spec:
         raise ValueError(
             f"judge '{spec}' must be KIND=PATH_OR_URL with KIND one of {', '.join(JUDGE_KINDS)}, "
@@ -19,6 +19,10 @@ def parse_judge_spec(spec: str) -> tuple[str, str]:
         raise ValueError(f"judge '{spec}': unknown kind '{kind}', expected one of {', '.join(JUDGE_KINDS)}")
     if not target:
         raise ValueError(f"judge '{spec}': the path or URL after '=' is empty")
+    if kind == "llm":
+        from mnpo.judges import split_llm_target
+
+        split_llm_target(target)
     return kind, target
 
 
@@ -26,7 +30,10 @@ def parse_judge_spec(spec: str) -> tuple[str, str]:
 class EvaluateConfig:
     models: list[str] = field(
         default=None,
-        metadata={"help": "model folders (or Hub ids) to evaluate, e.g. every iteration of a run, in order"},
+        metadata={
+            "help": "model folders (or Hub ids) to evaluate, e.g. every iteration of a run, in order; "
+            "with --api_base, names of models the server serves"
+        },
     )
     baseline: str = field(
         default=None,
@@ -42,7 +49,8 @@ class EvaluateConfig:
         default=None,
         metadata={
             "help": "one or more KIND=PATH_OR_URL, KIND in oracle (toy world dir), reward (RM dir), "
-            "pairwise (preference model dir), remote (judge server URL)"
+            "pairwise (preference model dir), remote (judge server URL), llm (URL#MODEL: an LLM judge on an "
+            "OpenAI-compatible server, e.g. llm=http://127.0.0.1:8001/v1#Qwen/Qwen2.5-7B-Instruct)"
         },
     )
     judge_names: list[str] = field(
@@ -77,6 +85,31 @@ class EvaluateConfig:
     dtype: str = field(
         default="float32", metadata={"help": "dtype of policies and judge models: float32, bfloat16, float16"}
     )
+    api_base: str = field(
+        default=None,
+        metadata={
+            "help": "generate through this OpenAI-compatible /v1 endpoint (vllm serve, transformers serve) instead "
+            "of loading --models and --baseline, which are then served model names"
+        },
+    )
+    api_key_env: str = field(
+        default=None,
+        metadata={"help": "environment variable holding the API key of --api_base (default: no key)"},
+    )
+    judge_api_key_env: str = field(
+        default=None,
+        metadata={
+            "help": "environment variable holding the API key of llm judges (default: MNPO_JUDGE_API_KEY if set)"
+        },
+    )
+    api_concurrency: int = field(
+        default=8, metadata={"help": "requests in flight at once to --api_base and to each llm judge"}
+    )
+    api_max_retries: int = field(
+        default=5,
+        metadata={"help": "retries of a request to --api_base on connection errors, 429 and 5xx, with backoff"},
+    )
+    api_timeout_s: float = field(default=300.0, metadata={"help": "seconds to wait for one answer of --api_base"})
 
     def __post_init__(self):
         for name in ("models", "baseline", "prompts", "judges", "output_dir"):
@@ -98,6 +131,20 @@ class EvaluateConfig:
 
         check_at_least(self, 0, "num_prompts", unset="0 evaluates every prompt")
         check_at_least(self, 1, "max_new_tokens", "max_prompt_length", "batch_size", "judge_batch_size")
+        check_at_least(self, 1, "api_concurrency")
+        check_at_least(self, 0, "api_max_retries")
+        if self.api_base is not None:
+            if not self.api_base.startswith(("http://", "https://")):
+                raise ValueError(
+                    f"--api_base {self.api_base!r} must be the http(s) URL of an OpenAI-compatible endpoint, "
+                    "e.g. http://127.0.0.1:8000/v1"
+                )
+            if self.max_prompt_length is not None:
+                raise ValueError(
+                    "--max_prompt_length needs local models (it truncates token ids); with --api_base the server "
+                    "applies its own context limit (vllm serve --max-model-len)"
+                )
+            return  # --models and --baseline are served names, not folders
         for path in self.models:
             check_causal_lm(path, "models")
         check_causal_lm(self.baseline, "baseline")

@@ -1,9 +1,11 @@
 """`mnpo evaluate`: win rate of models against a baseline on held-out prompts, with bootstrap CIs.
 
 For every model (and the baseline) one response per prompt is generated with HF `generate` at a
-fixed seed; each judge gives p_i = P(model response > baseline response | prompt i); the win rate is
-mean_i p_i and its confidence interval the percentile bootstrap over prompts. Writes eval.json,
-alignment_curve.png (win rate vs iteration, one line per judge) and responses/*.jsonl.
+fixed seed, or with --api_base by an OpenAI-compatible server (mnpo.generation.api_backend); each judge
+gives p_i = P(model response > baseline response | prompt i); the win rate is mean_i p_i and its
+confidence interval the percentile bootstrap over prompts, next to AlpacaEval 2's length-controlled win
+rate (mnpo.evaluation.length_control). Writes eval.json, alignment_curve.png (win rate vs iteration, one
+line per judge) and responses/*.jsonl.
 """
 
 from __future__ import annotations
@@ -36,8 +38,29 @@ def load_prompts(source: str, split: str, limit: int = 0) -> list[dict[str, Any]
     return rows[:limit] if limit > 0 else rows
 
 
+def _api_client(config: EvaluateConfig) -> Any:
+    from mnpo.generation.api_backend import api_key_from_env, openai_client
+
+    api_key = api_key_from_env(config.api_key_env, "--api_key_env")
+    return openai_client(config.api_base, api_key, config.api_timeout_s, config.api_max_retries)
+
+
 def generate_responses(model_path: str, prompts: list[Any], config: EvaluateConfig) -> list[str]:
     """One response per prompt; the seed is reset per model so every model sees the same noise."""
+    if config.api_base:
+        from mnpo.generation.api_backend import generate_chat
+
+        return generate_chat(
+            _api_client(config),
+            config.api_base,
+            model_path,
+            prompts,
+            max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            seed=config.seed,
+            concurrency=config.api_concurrency,
+        )
     import torch
 
     from mnpo.data.chat import encode_prompt
@@ -82,10 +105,10 @@ def win_probabilities(
     judge: Any, kind: str, prompts: list[Any], responses: list[str], baseline: list[str]
 ) -> list[float]:
     """p_i = P(response_i > baseline_i). Oracle and remote judges are asked in both orders and averaged
-    (removes any position bias); the pairwise-model judge already does that, and a reward-model judge
-    is symmetric by construction."""
+    (removes any position bias); the pairwise-model and LLM judges already do that, and a reward-model
+    judge is symmetric by construction."""
     forward = judge.judge(prompts, list(zip(responses, baseline)))
-    if kind in ("reward", "pairwise"):
+    if kind in ("reward", "pairwise", "llm"):
         return forward
     backward = judge.judge(prompts, list(zip(baseline, responses)))
     return [(f + 1.0 - b) / 2.0 for f, b in zip(forward, backward)]
@@ -102,9 +125,25 @@ def bootstrap_ci(values: list[float], samples: int, confidence: float, seed: int
     return float(np.quantile(means, alpha)), float(np.quantile(means, 1.0 - alpha))
 
 
-def summarise(values: list[float], config: EvaluateConfig) -> dict[str, float]:
+def instruction_difficulty(probs_by_model: dict[str, list[float]], name: str) -> list[float] | None:
+    """Per prompt, how often the baseline beats the *other* models (1 - their mean p_win): the LC GLM's
+    difficulty covariate, estimated without the model's own judgements; None with a single model."""
+    others = [probs for other, probs in probs_by_model.items() if other != name]
+    if not others:
+        return None
+    return [1.0 - sum(column) / len(column) for column in zip(*others)]
+
+
+def summarise(
+    values: list[float],
+    config: EvaluateConfig,
+    lengths: list[int] | None = None,
+    baseline_lengths: list[int] | None = None,
+    difficulty: list[float] | None = None,
+) -> dict[str, float]:
+    """Win rate, bootstrap CI, counts and (given the response lengths) the length-controlled win rate."""
     lo, hi = bootstrap_ci(values, config.bootstrap_samples, config.confidence, config.seed)
-    return {
+    stats = {
         "win_rate": sum(values) / len(values),
         "ci_low": lo,
         "ci_high": hi,
@@ -114,6 +153,16 @@ def summarise(values: list[float], config: EvaluateConfig) -> dict[str, float]:
         "ties": sum(v == 0.5 for v in values),
         "losses": sum(v < 0.5 for v in values),
     }
+    if lengths is not None and baseline_lengths is not None:
+        from mnpo.evaluation.length_control import (
+            GLM_FORMULA,
+            GLM_FORMULA_WITH_DIFFICULTY,
+            length_controlled_win_rate,
+        )
+
+        stats["lc_win_rate"] = length_controlled_win_rate(values, lengths, baseline_lengths, difficulty)
+        stats["lc_glm"] = GLM_FORMULA if difficulty is None else GLM_FORMULA_WITH_DIFFICULTY
+    return stats
 
 
 def _judge_names(config: EvaluateConfig) -> list[str]:
@@ -135,6 +184,8 @@ def _cached_responses(path: Path, model: str, config: EvaluateConfig, prompts: l
         "max_prompt_length": config.max_prompt_length,
         "dtype": config.dtype,
     }
+    if config.api_base:  # a served model's responses are not a local model's, even under the same name
+        key.update(api_base=config.api_base, dtype=None)
     if path.is_file():
         rows = read_jsonl(path)
         if len(rows) == len(prompts) and all(
@@ -150,14 +201,21 @@ def _cached_responses(path: Path, model: str, config: EvaluateConfig, prompts: l
 
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     """Write eval.json + alignment_curve.png; returns the eval.json content."""
-    from mnpo.judges import load_judge
-
     out = Path(config.output_dir)
-    for path in config.models:  # before any model is loaded or any response is written
-        check_model_path(path, "--models")
-    check_model_path(config.baseline, "--baseline")
+    if config.api_base:  # before any request is sent or any response is written
+        from mnpo.generation.api_backend import check_served_models
+
+        client = _api_client(config)
+        check_served_models(client, config.api_base, config.models, "--models")
+        check_served_models(client, config.api_base, [config.baseline], "--baseline")
+    else:
+        for path in config.models:  # before any model is loaded or any response is written
+            check_model_path(path, "--models")
+        check_model_path(config.baseline, "--baseline")
     for spec in config.judges:
         check_judge_path(*parse_judge_spec(spec), "--judges")
+    # An llm judge's server and model are checked now, not after the (possibly long) generation.
+    judges = {spec: _load_judge(spec, config) for spec in config.judges if parse_judge_spec(spec)[0] == "llm"}
     rows = load_prompts(config.prompts, config.prompt_split, config.num_prompts)
     save_config(config, out)  # once the inputs are known good: a failed start leaves no output folder
     prompts = [r[PROMPT] for r in rows]
@@ -173,36 +231,50 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     }
     results: dict[str, dict[str, Any]] = {name: {} for name in names}
     per_prompt: list[dict[str, Any]] = []
+    verdicts: dict[str, dict[str, int]] = {}
     judge_names = _judge_names(config)
+    baseline_lengths = [len(r) for r in baseline]
     for judge_name, spec in zip(judge_names, config.judges):
-        kind, target = parse_judge_spec(spec)
-        try:
-            judge = load_judge(
-                kind, target, device=config.device, dtype=config.dtype, batch_size=config.judge_batch_size
+        kind, _ = parse_judge_spec(spec)
+        judge = judges.get(spec) or _load_judge(spec, config)
+        probs_by_model = {name: win_probabilities(judge, kind, prompts, responses[name], baseline) for name in names}
+        for name, probs in probs_by_model.items():
+            results[name][judge_name] = summarise(
+                probs,
+                config,
+                [len(r) for r in responses[name]],
+                baseline_lengths,
+                instruction_difficulty(probs_by_model, name),
             )
-        except (OSError, ValueError) as exc:
-            raise MnpoError(f"judge '{spec}': cannot load it ({exc})") from exc
-        for name in names:
-            probs = win_probabilities(judge, kind, prompts, responses[name], baseline)
-            results[name][judge_name] = summarise(probs, config)
             per_prompt += [
                 {"model": name, "judge": judge_name, PROMPT_ID: row.get(PROMPT_ID, i), "p_win": p}
                 for i, (row, p) in enumerate(zip(rows, probs))
             ]
             logger.info(
-                "%s vs baseline, judge %s: win rate %.3f [%.3f, %.3f]",
+                "%s vs baseline, judge %s: win rate %.3f [%.3f, %.3f], length-controlled %.3f",
                 name,
                 judge_name,
                 results[name][judge_name]["win_rate"],
                 results[name][judge_name]["ci_low"],
                 results[name][judge_name]["ci_high"],
+                results[name][judge_name]["lc_win_rate"],
             )
+        if getattr(judge, "verdict_counts", None) is not None:  # llm judges: how each verdict was read
+            verdicts[judge_name] = dict(judge.verdict_counts)
+            if verdicts[judge_name]["unparseable"]:
+                logger.warning(
+                    "judge %s: %d of %d verdicts were neither (a) nor (b) and count as ties (0.5)",
+                    judge_name,
+                    verdicts[judge_name]["unparseable"],
+                    sum(verdicts[judge_name].values()),
+                )
     report = {
         "baseline": config.baseline,
         "prompts": config.prompts,
         "num_prompts": len(prompts),
         "judges": dict(zip(judge_names, config.judges)),
         "seed": config.seed,
+        "api_base": config.api_base,
         "generation": {
             "max_new_tokens": config.max_new_tokens,
             "temperature": config.temperature,
@@ -213,10 +285,36 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
             for name, model, it in zip(names, config.models, iterations)
         ],
     }
+    if verdicts:
+        report["verdicts"] = verdicts
     write_jsonl(out / "judgements.jsonl", per_prompt)
     write_json(out / "eval.json", report)
     from mnpo.evaluation.plot import alignment_curve_points, plot_alignment_curve
 
     plot_alignment_curve(alignment_curve_points([report]), out / "alignment_curve.png")
+    for name in names:
+        for judge_name, stats in results[name].items():
+            print(
+                f"{name} vs baseline [{judge_name}]: win rate {stats['win_rate']:.3f} "
+                f"[{stats['ci_low']:.3f}, {stats['ci_high']:.3f}], length-controlled {stats['lc_win_rate']:.3f}"
+            )
     print(f"eval.json: {out / 'eval.json'}\nalignment curve: {out / 'alignment_curve.png'}")
     return report
+
+
+def _load_judge(spec: str, config: EvaluateConfig) -> Any:
+    from mnpo.judges import load_judge
+
+    kind, target = parse_judge_spec(spec)
+    try:
+        return load_judge(
+            kind,
+            target,
+            device=config.device,
+            dtype=config.dtype,
+            batch_size=config.judge_batch_size,
+            api_key_env=config.judge_api_key_env,
+            concurrency=config.api_concurrency,
+        )
+    except (OSError, ValueError) as exc:
+        raise MnpoError(f"judge '{spec}': cannot load it ({exc})") from exc

@@ -7,7 +7,21 @@ from __future__ import annotations
 
 from typing import Any
 
-JUDGE_TYPES = ("pairwise", "reward", "oracle", "remote")
+JUDGE_TYPES = ("pairwise", "reward", "oracle", "remote", "llm")
+# Where an `llm=URL#MODEL` judge finds its API key unless the caller names another variable (evaluate's
+# --judge_api_key_env); unset means no key, as `vllm serve` without --api-key expects.
+LLM_JUDGE_API_KEY_ENV = "MNPO_JUDGE_API_KEY"
+
+
+def split_llm_target(target: str) -> tuple[str, str]:
+    """'URL#MODEL' of an `llm` judge -> (URL, MODEL); ValueError naming the fix otherwise."""
+    api_base, sep, model = target.partition("#")
+    if not sep or not model or not api_base.startswith(("http://", "https://")):
+        raise ValueError(
+            f"judge 'llm={target}': expected llm=URL#MODEL, the /v1 URL of an OpenAI-compatible server and "
+            "a model it serves, e.g. llm=http://127.0.0.1:8000/v1#meta-llama/Llama-3.1-8B-Instruct"
+        )
+    return api_base, model
 
 
 def load_judge(
@@ -18,12 +32,15 @@ def load_judge(
     dtype: str = "float32",
     token: str | None = None,
     batch_size: int = 16,
+    api_key_env: str | None = None,
+    concurrency: int = 8,
 ) -> Any:
     """The one constructor of judges for trainers, annotation, evaluation and the server.
 
     kind: pairwise (2-class preference model dir), reward (reward model dir), oracle (toy world dir, whose
     optional oracle.json sets ToyOracle's weights; "toy" for the built-in oracle; or "module:attr" naming an object or zero-argument
-    factory with `preference`), remote (server URL).
+    factory with `preference`), remote (server URL), llm (URL#MODEL of an OpenAI-compatible chat server; its
+    API key is read from the environment variable `api_key_env`, default MNPO_JUDGE_API_KEY).
     """
     if kind == "pairwise":
         from mnpo.judges.local import PairwisePreferenceJudge
@@ -43,6 +60,18 @@ def load_judge(
         from mnpo.judges.remote import RemoteJudge
 
         return RemoteJudge(path_or_url, token=token or os.environ.get("MNPO_JUDGE_TOKEN"))
+    if kind == "llm":
+        import os
+
+        from mnpo.generation.api_backend import NO_API_KEY, api_key_from_env
+        from mnpo.judges.llm import LLMJudge
+
+        api_base, model = split_llm_target(path_or_url)
+        if api_key_env:  # named by the user: it must be set
+            api_key = api_key_from_env(api_key_env, "--judge_api_key_env")
+        else:
+            api_key = os.environ.get(LLM_JUDGE_API_KEY_ENV) or NO_API_KEY
+        return LLMJudge(api_base, model, api_key, concurrency=concurrency)
     from mnpo.errors import MnpoError
 
     raise MnpoError(f"unknown judge kind '{kind}'; expected one of {', '.join(JUDGE_TYPES)}")
