@@ -12,7 +12,7 @@ from mnpo.cli import main
 from mnpo.config import parse_config
 from mnpo.errors import MnpoError
 from mnpo.evaluation.config import EvaluateConfig, parse_judge_spec
-from mnpo.evaluation.evaluate import bootstrap_ci, evaluate, win_probabilities
+from mnpo.evaluation.evaluate import bootstrap_ci, evaluate, instruction_difficulty, win_probabilities
 from mnpo.io import write_jsonl
 
 CHAT_TEMPLATE = (
@@ -115,6 +115,10 @@ def test_evaluate_writes_eval_json_and_curve(tmp_path, models, prompts):
     stats = second["win_rate"]["oracle"]
     assert 0.0 <= stats["ci_low"] <= stats["win_rate"] <= stats["ci_high"] <= 1.0
     assert stats["num_prompts"] == 6 and stats["wins"] + stats["ties"] + stats["losses"] == 6
+    # Length-controlled win rate next to the raw one; with two models each one's difficulty covariate comes
+    # from the other. The baseline against itself: identical responses, so no length term and exactly 0.5.
+    assert first["win_rate"]["oracle"]["lc_win_rate"] == pytest.approx(0.5)
+    assert 0.0 < stats["lc_win_rate"] < 1.0 and "instruction_difficulty" in stats["lc_glm"]
     judged = [json.loads(line) for line in (out / "judgements.jsonl").read_text().splitlines()]
     assert len(judged) == 12 and {j["prompt_id"] for j in judged} == {f"p{i}" for i in range(6)}
 
@@ -160,6 +164,13 @@ def test_pairwise_judges_are_asked_both_orders():
             return [0.9] * len(pairs)
 
     assert win_probabilities(Biased(), "oracle", ["x"], ["a"], ["b"]) == [pytest.approx(0.5)]
+
+
+def test_instruction_difficulty_leaves_the_model_out():
+    probs = {"a": [0.2, 0.4], "b": [0.6, 1.0], "c": [0.0, 0.0]}
+    # For "a": 1 - mean of b and c = [1 - 0.3, 1 - 0.5]; a single model has no covariate.
+    assert instruction_difficulty(probs, "a") == pytest.approx([0.7, 0.5])
+    assert instruction_difficulty({"a": [0.2]}, "a") is None
 
 
 def test_bootstrap_ci_brackets_the_mean_and_shrinks_with_n():
