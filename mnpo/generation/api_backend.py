@@ -46,6 +46,9 @@ def api_key_from_env(env_name: str | None, option: str) -> str:
 
 def openai_client(api_base: str, api_key: str, timeout_s: float, max_retries: int) -> Any:
     openai = require_extra("openai", API_EXTRA)
+    # The client's HTTP library logs every request at INFO: thousands of lines that bury the progress ones.
+    for name in ("httpx", "httpx2"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     return openai.OpenAI(base_url=api_base.rstrip("/"), api_key=api_key, timeout=timeout_s, max_retries=max_retries)
 
 
@@ -67,14 +70,25 @@ def served_model_names(client: Any, api_base: str) -> list[str]:
 
 
 def check_served_models(client: Any, api_base: str, names: Sequence[str], option: str) -> None:
-    """A one-line MnpoError naming `option` when a name in `names` is not one the server serves."""
+    """A one-line MnpoError naming `option` when a name in `names` is not a model the server serves.
+
+    A name GET /v1/models does not list is tried with a one-token request before it is refused: servers that
+    load models on demand (`transformers serve` without a pinned model) list only those already loaded.
+    """
+    openai = require_extra("openai", API_EXTRA)
     served = served_model_names(client, api_base)
     for name in names:
-        if name not in served:
+        if name in served:
+            continue
+        try:
+            client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Hi"}], max_tokens=1)
+        except (openai.APIStatusError, openai.APIConnectionError) as exc:
+            detail = str(getattr(exc, "body", None) or exc)[:200]
+            listed = ", ".join(served) or "(none listed)"
             raise MnpoError(
-                f"{option} {name}: not served by {api_base}; it serves: {', '.join(served) or '(nothing)'}; "
+                f"{option} {name}: not served by {api_base} ({detail}); it serves: {listed}; "
                 "pass one of these names (vLLM: --served-model-name sets it)"
-            )
+            ) from exc
 
 
 class Progress:

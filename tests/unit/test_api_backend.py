@@ -17,10 +17,10 @@ from mnpo.generation.shards import derive_seed
 
 
 class FlakyServer:
-    """/v1/models lists "m"; /v1/chat/completions first answers each status in `failures`, then succeeds,
-    echoing the last user message."""
+    """/v1/models lists `listed`; /v1/chat/completions serves model "m" only (404 for others), first answering
+    each status in `failures`, then succeeding, echoing the last user message."""
 
-    def __init__(self, failures: list[int]):
+    def __init__(self, failures: list[int], listed: tuple[str, ...] = ("m",)):
         self.failures = list(failures)
         self.requests: list[dict] = []
         lock = threading.Lock()
@@ -39,10 +39,14 @@ class FlakyServer:
                 self.wfile.write(data)
 
             def do_GET(self):
-                self._send(200, {"object": "list", "data": [{"id": "m", "object": "model", "owned_by": "test"}]})
+                models = [{"id": name, "object": "model", "owned_by": "test"} for name in listed]
+                self._send(200, {"object": "list", "data": models})
 
             def do_POST(self):
                 request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if request["model"] != "m":
+                    self._send(404, {"error": {"message": f"The model `{request['model']}` does not exist."}})
+                    return
                 with lock:
                     outer.requests.append(request)
                     status = outer.failures.pop(0) if outer.failures else 200
@@ -101,5 +105,11 @@ def test_errors_left_after_retries_are_one_line():
     with FlakyServer([]) as server:
         client = openai_client(server.api_base, "EMPTY", timeout_s=10, max_retries=0)
         check_served_models(client, server.api_base, ["m"], "--models")
-        with pytest.raises(MnpoError, match=r"--models gpt: not served by .*; it serves: m;"):
+        with pytest.raises(MnpoError, match=r"--models gpt: not served by .*does not exist.*; it serves: m;"):
             check_served_models(client, server.api_base, ["gpt"], "--models")
+    # A server that loads models on demand lists none yet: a name it answers for is accepted.
+    with FlakyServer([], listed=()) as server:
+        client = openai_client(server.api_base, "EMPTY", timeout_s=10, max_retries=0)
+        check_served_models(client, server.api_base, ["m"], "--models")
+        with pytest.raises(MnpoError, match=r"--baseline gpt: not served by .*; it serves: \(none listed\);"):
+            check_served_models(client, server.api_base, ["gpt"], "--baseline")
