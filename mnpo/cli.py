@@ -157,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
     from mnpo.config import parse_config
+    from mnpo.models import set_invocation
 
+    set_invocation(["mnpo", name, *rest])  # the command as typed, for the model card of a training run
     try:
         config = parse_config(_load(command.config), rest, prog=f"mnpo {name}")
         # Before the stage writes anything: a file or a read-only folder here would otherwise fail

@@ -42,7 +42,48 @@ def _make_parser(config_cls: type, prog: str | None):
         default=None,
         help="YAML file of field: value defaults for this command; command-line flags override it",
     )
+    _add_aliases(parser)
     return parser
+
+
+# One flag vocabulary across commands: each field also answers to the names TRL and transformers use for
+# it (or that another mnpo command uses), so a flag or YAML key from one command or a TRL script works in
+# the others. Field name -> other names; an alias is added only where it is not a field of its own.
+FLAG_ALIASES: dict[str, tuple[str, ...]] = {
+    "dataset": ("dataset_name",),  # TRL's ScriptArguments.dataset_name
+    "dataset_name": ("dataset",),  # train-egpo's field; the other commands say --dataset
+    "dataset_split": ("dataset_train_split",),  # TRL's ScriptArguments.dataset_train_split
+    "split": ("dataset_split", "dataset_train_split"),  # decode, annotate, precompute
+    "eval_split": ("dataset_test_split",),  # TRL's ScriptArguments.dataset_test_split
+    "model_dtype": ("dtype", "torch_dtype"),  # TRL's ModelConfig.dtype (torch_dtype before transformers 4.56)
+    "dtype": ("torch_dtype",),
+    "ref_model": ("ref_model_name_or_path",),  # train-egpo's and TRL's name of the reference policy
+}
+
+
+def _add_aliases(parser: argparse.ArgumentParser) -> None:
+    """Register FLAG_ALIASES as extra option strings of the field's own action: argparse then fills the
+    same field from either name, `--help` lists both, and the last occurrence wins as for one flag."""
+    taken = set(parser._option_string_actions)
+    for action in list(parser._actions):
+        if not action.option_strings or action.dest not in FLAG_ALIASES:
+            continue
+        negated = action.option_strings[0] == f"--no_{action.dest}"  # a True-default bool's store_false twin
+        for alias in FLAG_ALIASES[action.dest]:
+            option = f"--no_{alias}" if negated else f"--{alias}"
+            if option in taken:
+                continue  # a field of that name exists: it keeps its own meaning
+            action.option_strings.append(option)
+            parser._option_string_actions[option] = action
+            taken.add(option)
+
+
+def field_of(name: str, actions: dict[str, argparse.Action]) -> str | None:
+    """The field a flag or YAML key names (itself or through an alias), or None for an unknown name."""
+    if name in actions:
+        return name
+    option = f"--{name}"
+    return next((dest for dest, a in actions.items() if option in a.option_strings), None)
 
 
 def _field_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
@@ -82,12 +123,19 @@ def _yaml_to_argv(path: str, data: dict[str, Any], actions: dict[str, argparse.A
     """YAML mapping -> (argv tokens, values argparse cannot express (None, []))."""
     argv: list[str] = []
     direct: dict[str, Any] = {}
+    seen: dict[str, str] = {}
     for key, value in data.items():
-        if key not in actions:
+        dest = field_of(key, actions)
+        if dest is None:
             raise ConfigError(f"config file {path}: unknown key '{key}'. Valid keys: {', '.join(sorted(actions))}")
-        action = actions[key]
+        if dest in seen:
+            raise ConfigError(
+                f"config file {path}: keys '{seen[dest]}' and '{key}' set the same field '{dest}'; keep one"
+            )
+        seen[dest] = key
+        action = actions[dest]
         if value is None or value == []:
-            direct[key] = value
+            direct[dest] = value
             continue
         takes_list = action.nargs in ("+", "*")
         if isinstance(value, list) and not takes_list:
@@ -184,9 +232,18 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return {k: clean(v) for k, v in raw.items() if not k.startswith("_")}
 
 
-def save_config(config: Any, output_dir: str | os.PathLike, filename: str = "config.yaml") -> Path:
-    """Write the resolved config next to a stage's output (atomically)."""
-    path = Path(output_dir) / filename
+def config_file_name(command: str) -> str:
+    """The one name of a command's resolved config in its output folder: `<command>_config.yaml` with
+    dashes as underscores (train-mnpo -> train_mnpo_config.yaml), as decode, annotate, precompute, split,
+    toy, train-egpo and pipeline always wrote it."""
+    return f"{command.replace('-', '_')}_config.yaml"
+
+
+def save_config(config: Any, output_dir: str | os.PathLike, filename: str | None = None) -> Path:
+    """Write the resolved config next to a stage's output (atomically), as `filename`, by default
+    `config_file_name(config.CLI_COMMAND)` (config.yaml for a config class that names no command)."""
+    command = getattr(config, "CLI_COMMAND", None)
+    path = Path(output_dir) / (filename or (config_file_name(command) if command else "config.yaml"))
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as f:
         yaml.safe_dump(config_to_dict(config), f, sort_keys=False)

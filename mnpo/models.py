@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -110,22 +111,69 @@ def refuse_adapter(name_or_path: str | Path, what: str) -> None:
         )
 
 
-def add_lora(model: Any, config: Any, base_name_or_path: str | Path):
-    """A fresh LoRA adapter (config's lora_* fields) on `model`, which was loaded from `base_name_or_path`.
+@dataclass
+class LoraArguments:
+    """The LoRA fields of train-mnpo and train-egpo, declared once so both commands take the same names and
+    defaults (TRL's ModelConfig names and defaults; every linear layer as the default target)."""
 
-    The adapter records that path as its base, so `output_dir/adapter` reloads onto the right model
-    even when training started from an adapter folder (whose merged weights are in `model`)."""
-    from peft import LoraConfig, get_peft_model
+    use_peft: bool = field(
+        default=False,
+        metadata={
+            "help": "train a LoRA adapter instead of the full model (train-egpo: the reference is the same model "
+            "with the adapter disabled)"
+        },
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={"help": "module names LoRA wraps ('all-linear' = every linear layer but the output head)"},
+    )
+    lora_modules_to_save: list[str] = field(
+        default=None,
+        metadata={"help": "modules trained in full next to the adapter and saved with it (e.g. lm_head embed_tokens)"},
+    )
+    use_dora: bool = field(
+        default=False, metadata={"help": "DoRA: weight-decomposed LoRA (magnitude and direction trained apart)"}
+    )
+    use_rslora: bool = field(
+        default=False,
+        metadata={"help": "rank-stabilised LoRA: scale the update by alpha / sqrt(r) instead of alpha / r"},
+    )
+    save_adapter: bool = field(
+        default=False,
+        metadata={
+            "help": "with use_peft: also keep the LoRA adapter in output_dir/adapter (output_dir holds the merged model)"
+        },
+    )
+
+
+def lora_config(config: Any):
+    """`peft.LoraConfig` from a config's LoraArguments fields."""
+    from peft import LoraConfig
 
     targets = list(config.lora_target_modules or ["all-linear"])
-    lora = LoraConfig(
+    return LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=targets[0] if targets == ["all-linear"] else targets,
+        modules_to_save=list(config.lora_modules_to_save) if config.lora_modules_to_save else None,
+        use_dora=config.use_dora,
+        use_rslora=config.use_rslora,
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, lora)
+
+
+def add_lora(model: Any, config: Any, base_name_or_path: str | Path):
+    """A fresh LoRA adapter (config's LoraArguments fields) on `model`, loaded from `base_name_or_path`.
+
+    The adapter records that path as its base, so `output_dir/adapter` reloads onto the right model
+    even when training started from an adapter folder (whose merged weights are in `model`)."""
+    from peft import get_peft_model
+
+    model = get_peft_model(model, lora_config(config))
     model.peft_config["default"].base_model_name_or_path = local_or_hub(base_name_or_path)
     return model
 
@@ -135,9 +183,12 @@ def save_trained_policy(trainer: Any, output_dir: str | Path, use_peft: bool, sa
 
     With LoRA the Trainer writes the adapter (gathering ZeRO-3 shards) to output_dir/adapter; the main
     process then loads base + adapter with `load_kwargs` (the dtype training loaded the policy in),
-    merges and saves the full model, and drops the adapter unless `save_adapter`."""
+    merges and saves the full model, and drops the adapter unless `save_adapter`. The model card
+    (README.md, from trainer.args) is written once the weights are in place."""
     if not use_peft:
         trainer.save_model(str(output_dir))
+        if trainer.is_world_process_zero():
+            write_model_card(trainer.args, output_dir)
         return
     adapter = Path(output_dir) / ADAPTER_DIR
     trainer.save_model(str(adapter))
@@ -147,5 +198,125 @@ def save_trained_policy(trainer: Any, output_dir: str | Path, use_peft: bool, sa
     merged.save_pretrained(str(output_dir))
     if trainer.processing_class is not None:  # the Trainer saved the tokenizer next to the adapter only
         trainer.processing_class.save_pretrained(str(output_dir))
+    write_model_card(trainer.args, output_dir)
     if not save_adapter:
         shutil.rmtree(adapter)
+
+
+# ----- model cards ----------------------------------------------------------------------------------------
+MODEL_CARD = "README.md"
+# What a card lists under "Hyperparameters", when the run's config has the field (in this order).
+_CARD_FIELDS = (
+    "loss_type", "alg", "eta", "ratio", "tau", "beta", "simpo_gamma", "history_weights", "max_history_t",
+    "logp_reduction", "mixture_coef", "prefix_chunk_num", "learning_rate", "lr_scheduler_type", "warmup_steps",
+    "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
+    "max_prompt_length", "max_new_tokens", "model_dtype", "bf16", "seed",
+)  # fmt: skip
+_LORA_FIELDS = (
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "lora_modules_to_save",
+    "use_dora",
+    "use_rslora",
+)
+_METHODS = {
+    "train-mnpo": "MNPO-family preference optimisation (docs/mnpo.md)",
+    "train-egpo": "online NLHF (docs/algorithms.md section 2)",
+    "train-sft": "supervised fine-tuning (TRL SFTTrainer)",
+    "train-rm": "Bradley-Terry reward model (TRL RewardTrainer)",
+    "train-pm": "pairwise preference model (2-class sequence classifier)",
+}
+_INVOCATION: list[str] | None = None  # set by mnpo.cli.main: the command as typed, for the card
+
+
+def set_invocation(argv: list[str]) -> None:
+    global _INVOCATION
+    _INVOCATION = list(argv)
+
+
+def _command_line() -> str:
+    import shlex
+    import sys
+
+    return shlex.join(_INVOCATION if _INVOCATION is not None else sys.argv)
+
+
+def _iteration(output_dir: str | Path) -> int | None:
+    """The pipeline's iteration of a model folder (`.../iter<N>/model`), or None outside a pipeline layout."""
+    import re
+
+    for part in reversed(Path(output_dir).resolve().parts):
+        match = re.fullmatch(r"iter(\d+)", part)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def model_card(config: Any, output_dir: str | Path) -> str:
+    """README.md of a saved model: base model, method and loss, hyperparameters, data lineage, iteration and
+    the command that made it, with a Hub metadata header (huggingface_hub's ModelCardData). The command is
+    the config class's CLI_COMMAND (e.g. "train-mnpo")."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from mnpo.config import config_file_name
+
+    command = config.CLI_COMMAND
+
+    base = getattr(config, "model_name_or_path", None)
+    dataset = getattr(config, "dataset", None) or getattr(config, "dataset_name", None)
+    method = getattr(config, "loss_type", None) or getattr(config, "alg", None)
+
+    def local(value: Any) -> bool:
+        return value is None or Path(str(value)).exists() or str(value).startswith((".", "/"))
+
+    data = ModelCardData(
+        base_model=None if local(base) else base,  # Hub metadata takes Hub ids only; the body names any path
+        datasets=None if local(dataset) else [dataset],
+        library_name="transformers",
+        tags=["mnpo", command]
+        + ([method] if method else [])
+        + (["lora"] if getattr(config, "use_peft", False) else []),
+    )
+    fields = _CARD_FIELDS + (_LORA_FIELDS if getattr(config, "use_peft", False) else ())
+    rows = [f"| {name} | {getattr(config, name)} |" for name in fields if hasattr(config, name)]
+    split = getattr(config, "dataset_split", None) or getattr(config, "split", None)
+    iteration = _iteration(output_dir)
+    lines = [
+        f"# {Path(output_dir).resolve().name}",
+        "",
+        f"Trained with `mnpo {command}`: {_METHODS.get(command, command)}"
+        + (f", loss / algorithm `{method}`." if method else "."),
+        "",
+        f"- Base model: `{base}`"
+        + (f" (revision `{config.model_revision}`)" if getattr(config, "model_revision", None) else ""),
+        f"- Training data: `{dataset}`" + (f", split `{split}`" if split else ""),
+        f"- Iteration: {iteration if iteration is not None else 'not part of an iterative run'}",
+        "",
+        "## Hyperparameters",
+        "",
+        "| field | value |",
+        "|---|---|",
+        *rows,
+        "",
+        f"The run's full resolved config is saved next to this card: `{config_file_name(command)}`.",
+        "",
+        "## Command",
+        "",
+        "```bash",
+        _command_line(),
+        "```",
+        "",
+    ]
+    return ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines)).content
+
+
+def write_model_card(config: Any, output_dir: str | Path) -> Path:
+    """Write `model_card(...)` to output_dir/README.md atomically (readers never see half a card)."""
+    from mnpo.io import atomic_write
+
+    path = Path(output_dir) / MODEL_CARD
+    with atomic_write(path) as f:
+        f.write(model_card(config, output_dir))
+    return path

@@ -6,6 +6,7 @@ mnpo pipeline --config configs/pipeline/gemma2-9b-it.yaml --num_iterations 3
 
 from __future__ import annotations
 
+import functools
 import json
 import shlex
 from dataclasses import dataclass, field
@@ -35,6 +36,43 @@ def extra_flags(value: str | None, name: str = "extra flags") -> list[str]:
         return shlex.split(value)
     except ValueError as exc:
         raise ValueError(f"{name}: cannot split {value!r} into flags ({exc})") from exc
+
+
+STAGE_COMMANDS = {
+    "toy_args": "toy",
+    "decode_args": "decode",
+    "annotate_args": "annotate",
+    "precompute_args": "precompute",
+    "eval_args": "evaluate",
+}
+
+
+@functools.cache
+def _stage_options(command: str) -> frozenset[str]:
+    """Every flag `mnpo <command>` takes (aliases included). Imports that command's config class, the one
+    heavy import here, and only when a pipeline passes it extra flags."""
+    from mnpo.cli import COMMANDS, _load
+    from mnpo.config import _make_parser
+
+    return frozenset(_make_parser(_load(COMMANDS[command].config), None)._option_string_actions)
+
+
+def check_stage_flags(argv: list[str], args_field: str, command: str) -> None:
+    """Refuse a flag that `mnpo <command>` does not take, naming the field, the stage and the closest flag."""
+    import difflib
+
+    if not argv:
+        return
+    known = _stage_options(command)
+    for token in argv:
+        flag = token.split("=", 1)[0]
+        if not flag.startswith("--") or flag in known:
+            continue
+        close = difflib.get_close_matches(flag, known, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ValueError(
+            f"{args_field}: unknown flag {flag} for the `mnpo {command}` stage; {hint}see `mnpo {command} --help`"
+        )
 
 
 @dataclass
@@ -223,6 +261,12 @@ class PipelineConfig:
         default=False, metadata={"help": "print the stage plan (and sbatch commands) without running anything"}
     )
 
+    def stage_command(self, args_field: str) -> str:
+        """The `mnpo` command that a `<stage>_args` field's flags go to."""
+        if args_field == "train_args":
+            return "train-egpo" if self.mode == "egpo" else "train-mnpo"
+        return STAGE_COMMANDS[args_field]
+
     def __post_init__(self):
         if self.num_iterations < 1:
             raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}")
@@ -238,7 +282,8 @@ class PipelineConfig:
             if not getattr(self, name):
                 raise ValueError(f"--{name} needs at least one value")
         for name in ("toy_args", "decode_args", "annotate_args", "precompute_args", "train_args", "eval_args"):
-            extra_flags(getattr(self, name), name)  # fail at parse time, not in iteration 3
+            # Fail at parse time, not in iteration 3: the value must split into flags the stage knows.
+            check_stage_flags(extra_flags(getattr(self, name), name), name, self.stage_command(name))
         if self.loss_type != "mnpo" and self.mode != "td-mnpo":
             raise ValueError(
                 f"--loss_type {self.loss_type} runs in mode td-mnpo (iterative, like TD-MNPO); got --mode {self.mode}"

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from transformers import TrainingArguments
 
 from mnpo.data.columns import LOSS_TYPES
+from mnpo.models import LoraArguments
 
 
 def _has_bf16_device() -> bool:
@@ -21,13 +23,37 @@ def _has_bf16_device() -> bool:
 
 
 @dataclass
-class MNPOConfig(TrainingArguments):
-    model_name_or_path: str = field(default=None, metadata={"help": "policy to train (pi_t): path or Hub id"})
+class MNPOConfig(LoraArguments, TrainingArguments):
+    CLI_COMMAND: ClassVar[str] = "train-mnpo"  # names its saved config and model card
+    model_name_or_path: str = field(
+        default=None, metadata={"help": "policy to train (pi_t): path or Hub id (required on the command line)"}
+    )
+    model_revision: str = field(
+        default=None,
+        metadata={"help": "Hub revision (branch, tag or commit) of model_name_or_path, passed to from_pretrained"},
+    )
     dataset: str = field(
         default=None,
-        metadata={"help": "output folder of `mnpo precompute` (or any file/folder with the same columns)"},
+        metadata={
+            "help": "output folder of `mnpo precompute` (or any file/folder with the same columns; required on the "
+            "command line)"
+        },
     )
     dataset_split: str = field(default=None, metadata={"help": "split to train on when the dataset has several"})
+    eval_dataset: str = field(
+        default=None,
+        metadata={
+            "help": "pairs to evaluate on (eval_loss, eval_rewards/*): a `mnpo precompute` output made with the "
+            "same models (precompute --split test); default: --dataset, with --eval_split"
+        },
+    )
+    eval_split: str = field(
+        default=None,
+        metadata={
+            "help": "split of the eval data to evaluate on; with --eval_dataset or --eval_split set, the run "
+            "evaluates at the end and at every eval_strategy step"
+        },
+    )
     loss_type: str = field(
         default="mnpo",
         metadata={
@@ -98,20 +124,6 @@ class MNPOConfig(TrainingArguments):
         },
     )
     attn_implementation: str = field(default="sdpa", metadata={"help": "eager | sdpa | flash_attention_2"})
-    use_peft: bool = field(default=False, metadata={"help": "train a LoRA adapter instead of the full model"})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["all-linear"],
-        metadata={"help": "module names LoRA wraps ('all-linear' = every linear)"},
-    )
-    save_adapter: bool = field(
-        default=False,
-        metadata={
-            "help": "with use_peft: also keep the LoRA adapter in output_dir/adapter (output_dir holds the merged model)"
-        },
-    )
     # Paper recipe defaults (TrainingArguments' own are for fine-tuning from scratch).
     learning_rate: float = field(default=5e-7, metadata={"help": "AdamW learning rate (paper: 5e-7)"})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "learning-rate schedule (paper: cosine)"})
@@ -128,10 +140,8 @@ class MNPOConfig(TrainingArguments):
     )
 
     def __post_init__(self):
-        if not self.model_name_or_path:
-            raise ValueError("--model_name_or_path is required")
-        if not self.dataset:
-            raise ValueError("--dataset is required (the output folder of `mnpo precompute`)")
+        # model_name_or_path and dataset are required by the command (train_mnpo), not here: the Python API
+        # (`MNPOTrainer(model=..., args=MNPOConfig(...), train_dataset=...)`) passes the model and data itself.
         if self.eta <= 0:
             raise ValueError(f"eta must be > 0, got {self.eta}")
         if not 0.0 <= self.ratio <= 1.0:

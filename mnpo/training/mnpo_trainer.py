@@ -124,11 +124,38 @@ class MNPOTrainer(Trainer):
     """Trainer whose loss is the MNPO loss (or another `--loss_type` of its family); logs rewards/*, logps/*
     and the loss's own terms (z for the squared losses)."""
 
-    def __init__(self, model: Any, args: MNPOConfig, train_dataset: Any, num_history: int, **kwargs: Any):
+    def __init__(
+        self,
+        model: Any,
+        args: MNPOConfig,
+        train_dataset: Any,
+        num_history: int | None = None,
+        **kwargs: Any,
+    ):
+        """TRL-style: `MNPOTrainer(model=..., args=MNPOConfig(...), train_dataset=..., processing_class=tokenizer)`.
+
+        `train_dataset` (and `eval_dataset`) hold `mnpo precompute`'s columns; rows with only prompt / chosen /
+        rejected (no stored ids) are tokenised here with `processing_class`, as `mnpo train-mnpo` does.
+        `num_history` defaults to the dataset's history{j}_*_logps column pairs (capped by max_history_t)."""
         tokenizer = kwargs.get("processing_class")
         pad_id = 0
         if tokenizer is not None:
             pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        train_dataset = _with_token_ids(train_dataset, args, tokenizer, model, "train_dataset")
+        if kwargs.get("eval_dataset") is not None:
+            kwargs["eval_dataset"] = _with_token_ids(kwargs["eval_dataset"], args, tokenizer, model, "eval_dataset")
+        if num_history is None:
+            num_history = count_history_columns(train_dataset.column_names)
+            if args.max_history_t is not None:
+                num_history = min(num_history, args.max_history_t)
+        eval_dataset = kwargs.get("eval_dataset")
+        if args.loss_type == "mnpo" and eval_dataset is not None:
+            eval_history = count_history_columns(eval_dataset.column_names)
+            if eval_history < num_history:
+                raise MnpoError(
+                    f"eval_dataset has {eval_history} history opponent(s), the training data {num_history}; "
+                    "precompute the eval pairs with the same --history_paths"
+                )
         if args.loss_type == "mnpo":
             kwargs.setdefault("data_collator", MNPOCollator(pad_id, num_history))
         else:
@@ -170,6 +197,14 @@ class MNPOTrainer(Trainer):
             return loss, {"chosen_logps": logps[:n].detach(), "rejected_logps": logps[n:].detach()}
         return loss
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """The eval loss is the training loss on held-out pairs. The Trainer's own step computes a loss only
+        for batches with `labels`, which pair batches do not have (TRL's DPOTrainer overrides it likewise)."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         prefix = "eval_" if mode == "eval" else ""
@@ -180,37 +215,56 @@ class MNPOTrainer(Trainer):
         super().log(logs, start_time)
 
 
-def _load_dataset(config: MNPOConfig):
+def _with_token_ids(dataset: Any, args: MNPOConfig, tokenizer: Any, model: Any, name: str):
+    """`dataset` as is when it holds precompute's token ids; else its prompt / chosen / rejected tokenised
+    with `tokenizer` (the one tokenisation precompute uses), lengths resolved from the model's context."""
+    if dataset is None or all(
+        c in dataset.column_names for c in (PROMPT_INPUT_IDS, CHOSEN_INPUT_IDS, REJECTED_INPUT_IDS)
+    ):
+        return dataset
+    if tokenizer is None:
+        raise MnpoError(f"{name} has no stored token ids: pass processing_class=<the policy's tokenizer>")
+    from mnpo.config import context_length, resolve_pair_lengths
+    from mnpo.data.formats import to_mnpo_pairs
+
+    if args.max_length is None or args.max_prompt_length is None:
+        resolve_pair_lengths(args, context_length(model.config, tokenizer), name)
+    dataset = to_mnpo_pairs(dataset, name)
+    return dataset.map(lambda row: tokenize_pair(tokenizer, row, args.max_length, args.max_prompt_length))
+
+
+def _load_dataset(config: MNPOConfig, source: str, split: str | None):
     from datasets import Dataset, load_from_disk
 
+    from mnpo.data.formats import to_mnpo_pairs
     from mnpo.io import check_dataset, is_saved_dataset, load_records, require_columns
 
-    path = Path(config.dataset)
-    if is_saved_dataset(path) and config.dataset_split is None:
+    path = Path(source)
+    if is_saved_dataset(path) and split is None:
         ds = load_from_disk(str(path))
         if not isinstance(ds, Dataset):
             ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
-        check_dataset(ds, config.dataset)  # finite log-probs, pairs that continue their prompt
+        check_dataset(ds, source)  # finite log-probs, pairs that continue their prompt
     else:
-        rows = load_records(config.dataset, config.dataset_split)
+        rows = load_records(source, split)
         if config.loss_type == "mnpo":
-            require_columns(rows, [C.REFERENCE_CHOSEN_LOGPS, C.REFERENCE_REJECTED_LOGPS], config.dataset)
+            require_columns(rows, [C.REFERENCE_CHOSEN_LOGPS, C.REFERENCE_REJECTED_LOGPS], source)
         else:
             for i, row in enumerate(rows, start=1):  # records count from 1, as a JSONL file's lines do
-                _check_loss_columns(config, list(row), f"{config.dataset}: record {i}")
-        ds = Dataset.from_list(rows)
+                _check_loss_columns(config, list(row), f"{source}: record {i}")
+        ds = Dataset.from_list(to_mnpo_pairs(rows, source))
     if len(ds) == 0:
-        raise MnpoError(f"{config.dataset}: the dataset is empty")
+        raise MnpoError(f"{source}: the dataset is empty")
     if config.loss_type == "mnpo":
         missing = [c for c in (C.REFERENCE_CHOSEN_LOGPS, C.REFERENCE_REJECTED_LOGPS) if c not in ds.column_names]
         if missing:
             raise MnpoError(
-                f"{config.dataset}: missing column(s) {missing}; run `mnpo precompute --dataset ... --ref_model ...` first"
+                f"{source}: missing column(s) {missing}; run `mnpo precompute --dataset ... --ref_model ...` first"
             )
         return ds
-    _check_loss_columns(config, ds.column_names, config.dataset)
+    _check_loss_columns(config, ds.column_names, source)
     if config.loss_type == "sppo":
-        _check_win_rates(ds, config.dataset)
+        _check_win_rates(ds, source)
     return ds
 
 
@@ -249,11 +303,11 @@ def _check_win_rates(ds: Any, source: str) -> None:
                 )
 
 
-def _check_precompute_metadata(config: MNPOConfig, tokenizer: Any) -> None:
+def _check_precompute_metadata(config: MNPOConfig, tokenizer: Any, source: str) -> None:
     """Refuse stored ids/log-probs made with another tokenisation or reduction than this run's."""
     from mnpo.training.precompute import METADATA_FILE
 
-    meta_path = Path(config.dataset) / METADATA_FILE
+    meta_path = Path(source) / METADATA_FILE
     if not meta_path.is_file():
         return
     meta = json.loads(meta_path.read_text())
@@ -282,22 +336,28 @@ def _check_precompute_metadata(config: MNPOConfig, tokenizer: Any) -> None:
         )
 
 
-def prepare_dataset(config: MNPOConfig, tokenizer: Any):
-    """The training dataset with stored ids (verified) or ids made with the shared tokenisation."""
-    ds = _load_dataset(config)
+def prepare_dataset(config: MNPOConfig, tokenizer: Any, source: str | None = None, split: str | None = None):
+    """The dataset at `source` (default: --dataset, --dataset_split) with stored ids (verified) or ids made
+    with the shared tokenisation."""
+    if source is None:
+        source, split = config.dataset, config.dataset_split
+    ds = _load_dataset(config, source, split)
     if all(c in ds.column_names for c in (PROMPT_INPUT_IDS, CHOSEN_INPUT_IDS, REJECTED_INPUT_IDS)):
-        _check_precompute_metadata(config, tokenizer)
+        _check_precompute_metadata(config, tokenizer, source)
     else:
         for c in (C.PROMPT, C.CHOSEN, C.REJECTED):
             if c not in ds.column_names:
-                raise MnpoError(f"{config.dataset}: has neither stored token ids nor the column '{c}' to tokenise")
+                raise MnpoError(f"{source}: has neither stored token ids nor the column '{c}' to tokenise")
         ds = ds.map(lambda row: tokenize_pair(tokenizer, row, config.max_length, config.max_prompt_length))
     return ds
 
 
 def _load_kwargs(config: MNPOConfig) -> dict[str, Any]:
     dtype = torch.float32 if config.model_dtype == "auto" else getattr(torch, config.model_dtype)
-    return {"dtype": dtype, "attn_implementation": config.attn_implementation}
+    kwargs = {"dtype": dtype, "attn_implementation": config.attn_implementation}
+    if config.model_revision:
+        kwargs["revision"] = config.model_revision
+    return kwargs
 
 
 def _load_model(config: MNPOConfig):
@@ -321,15 +381,35 @@ def train_mnpo(config: MNPOConfig) -> Path:
     from mnpo.models import load_tokenizer, save_trained_policy
     from mnpo.training.checkpoints import resolve_resume_checkpoint
 
+    if not config.model_name_or_path:
+        raise MnpoError("--model_name_or_path is required (the policy pi_t this iteration starts from)")
+    if not config.dataset:
+        raise MnpoError("--dataset (or --dataset_name) is required (the output folder of `mnpo precompute`)")
+    evaluating = bool(config.eval_dataset or config.eval_split)
+    if config.eval_strategy != "no" and not evaluating:
+        raise MnpoError(
+            f"--eval_strategy {config.eval_strategy.value} needs pairs to evaluate on: set --eval_split (a split of "
+            "--dataset) or --eval_dataset (a precompute output of held-out pairs)"
+        )
     check_model_path(config.model_name_or_path, "--model_name_or_path")
     try:
-        tokenizer = load_tokenizer(config.model_name_or_path)
+        revision = {"revision": config.model_revision} if config.model_revision else {}
+        tokenizer = load_tokenizer(config.model_name_or_path, **revision)
     except OSError as exc:
         raise MnpoError(f"could not load the tokenizer of {config.model_name_or_path}: {exc}") from exc
     if tokenizer.chat_template is None:
         raise MnpoError(f"{config.model_name_or_path}: the tokenizer has no chat template")
     resolve_pair_lengths(config, model_context(config.model_name_or_path, tokenizer), config.model_name_or_path)
     dataset = prepare_dataset(config, tokenizer)
+    eval_dataset = None
+    if evaluating:
+        eval_source = config.eval_dataset or config.dataset
+        if eval_source == config.dataset and config.eval_split in (None, config.dataset_split):
+            raise MnpoError(
+                f"--eval_split {config.eval_split} would evaluate on the training pairs; name another split of "
+                "--dataset, or pass --eval_dataset"
+            )
+        eval_dataset = prepare_dataset(config, tokenizer, eval_source, config.eval_split)
     num_history = count_history_columns(dataset.column_names)
     if config.max_history_t is not None:
         num_history = min(num_history, config.max_history_t)
@@ -352,14 +432,17 @@ def train_mnpo(config: MNPOConfig) -> Path:
     ids = (ids for c in (PROMPT_INPUT_IDS, CHOSEN_INPUT_IDS, REJECTED_INPUT_IDS) for ids in dataset[c])
     max_token_id = max((max(s, default=0) for s in ids), default=0)
     check_vocab(model, max_token_id, config.model_name_or_path, "--model_name_or_path", f"--dataset {config.dataset}")
-    trainer = MNPOTrainer(model, config, dataset, num_history, processing_class=tokenizer)
+    trainer = MNPOTrainer(model, config, dataset, num_history, eval_dataset=eval_dataset, processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(config.output_dir, config.resume_from_checkpoint))
+    if eval_dataset is not None:
+        # After training as well as at each eval_strategy step: the saved model's own held-out numbers.
+        logger.info("eval: %s", trainer.evaluate())
     # With LoRA: the merged model, so output_dir is exactly the trained policy (adapter kept on request).
     save_trained_policy(trainer, config.output_dir, config.use_peft, config.save_adapter, **_load_kwargs(config))
     trainer.save_state()  # trainer_state.json: the logged curve, for reports
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(config.output_dir)
-        save_config(config, config.output_dir, "mnpo_config.yaml")
+        save_config(config, config.output_dir)
     from mnpo.distributed import shutdown
 
     shutdown()  # a process group left alive aborts the exit (mnpo/distributed.py)

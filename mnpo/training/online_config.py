@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from transformers import TrainingArguments
+
+from mnpo.models import LoraArguments
 
 ALGORITHMS = ("eg", "oipo1", "oipo2", "nmd", "nmdpg")
 # The reference runs' tempered pair sampler (algorithms.md 2.2): T = 2, top-k 10.
@@ -13,12 +16,14 @@ _TEMPERED = {"temperature": 2.0, "top_k": 10}
 
 
 @dataclass
-class OnlineConfig(TrainingArguments):
+class OnlineConfig(LoraArguments, TrainingArguments):
     """EGPO, Online IPO 1/2, Nash-MD and Nash-MD-PG over transformers.Trainer (algorithms.md section 2).
 
     A training step draws `per_device_train_batch_size` prompts, samples the pair (and the opponent where
     the algorithm needs one), judges, and takes one optimiser step (EGPO: two, see `egpo_schedule`).
     """
+
+    CLI_COMMAND: ClassVar[str] = "train-egpo"  # names its saved config and model card
 
     alg: str = field(
         default="eg",
@@ -123,21 +128,6 @@ class OnlineConfig(TrainingArguments):
     )
     vllm_gpu_memory_utilization: float = field(
         default=0.3, metadata={"help": "vllm backend: share of GPU memory for vLLM"}
-    )
-    use_peft: bool = field(
-        default=False, metadata={"help": "train LoRA adapters; the reference is the same model with adapters disabled"}
-    )
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
-    lora_target_modules: list[str] = field(
-        default=None, metadata={"help": "LoRA target modules (default: all linear layers)"}
-    )
-    save_adapter: bool = field(
-        default=False,
-        metadata={
-            "help": "with use_peft: also keep the LoRA adapter in output_dir/adapter (output_dir holds the merged model)"
-        },
     )
     model_dtype: str = field(default="auto", metadata={"help": "policy dtype when loading: auto, float32, bfloat16"})
     attn_implementation: str = field(

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from mnpo.data.columns import LOSS_OPPONENTS, LOSS_TYPES
 from mnpo.errors import MnpoError, check_model_path, check_vocab
@@ -33,10 +33,12 @@ CACHE_DIR = ".precompute_cache"
 
 @dataclass
 class PrecomputeConfig:
+    CLI_COMMAND: ClassVar[str] = "precompute"  # names its saved config and model card
     dataset: str = field(
         default=None,
         metadata={
-            "help": "preference pairs (prompt, chosen, rejected): JSONL/JSON/parquet file or save_to_disk folder"
+            "help": "preference pairs (prompt, chosen, rejected; or TRL's standard, conversational or implicit-prompt "
+            "preference format): JSONL/JSON/parquet file, folder of {split} files, save_to_disk folder or Hub id"
         },
     )
     ref_model: str = field(
@@ -353,7 +355,10 @@ def precompute_logps(config: PrecomputeConfig) -> Path:
     for path in config.history_paths:
         check_model_path(path, "--history_paths")
     check_model_path(config.tokenizer_name_or_path, "--tokenizer_name_or_path", "tokenizer")
-    rows = load_records(config.dataset, config.split)
+    from mnpo.data.formats import to_mnpo_pairs
+
+    # TRL's implicit-prompt pairs get their prompt here; explicit ones (text or messages) read as they are.
+    rows = to_mnpo_pairs(load_records(config.dataset, config.split), config.dataset)
     require_columns(rows, [C.PROMPT, C.CHOSEN, C.REJECTED], config.dataset)
     if config.loss_type == "sppo":
         _check_win_rates(rows, config.dataset)

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from transformers import TrainingArguments
 
@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PMRunConfig(TrainingArguments):
+    CLI_COMMAND: ClassVar[str] = "train-pm"  # names its saved config and model card
     model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "model to start from (usually the SFT policy; a new 2-class head is added) (required)"},
@@ -227,6 +228,9 @@ def train_preference_model(config: PMRunConfig) -> Path:
         )
         accuracy = sum(q > 0.5 for q in probs) / len(ev)
         logger.info("preference model pairwise accuracy on %s: %.3f (%d pairs)", config.eval_split, accuracy, len(ev))
-    save_model_dir(trainer.model, tokenizer, config.output_dir, {PAIR_TEMPLATE_FILE: template})
+    from mnpo.models import MODEL_CARD, model_card
+
+    card = model_card(config, config.output_dir)
+    save_model_dir(trainer.model, tokenizer, config.output_dir, {PAIR_TEMPLATE_FILE: template, MODEL_CARD: card})
     save_config(config, config.output_dir)
     return Path(config.output_dir)

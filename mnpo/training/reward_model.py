@@ -13,7 +13,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from trl import RewardConfig
 
@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class RMRunConfig(RewardConfig):
+    CLI_COMMAND: ClassVar[str] = "train-rm"  # names its saved config and model card
     model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "model to start from (usually the SFT policy; a new scalar head is added) (required)"},
@@ -34,7 +35,10 @@ class RMRunConfig(RewardConfig):
     )
     dataset: str | None = field(
         default=None,
-        metadata={"help": "preference pairs with `prompt`, `chosen`, `rejected` (messages or text) (required)"},
+        metadata={
+            "help": "preference pairs with `prompt`, `chosen`, `rejected` (messages or text; TRL's implicit-prompt "
+            "format too) (required)"
+        },
     )
     dataset_split: str = field(default="train", metadata={"help": "split of `dataset` to train on"})
     eval_split: str | None = field(
@@ -70,8 +74,10 @@ def pair_rows(rows: list[dict[str, Any]], source: str) -> list[tuple[Any, str, s
     """(prompt, chosen reply, rejected reply) per row; `chosen`/`rejected` may be message lists or text."""
     from mnpo.data.chat import response_of
     from mnpo.data.columns import CHOSEN, PROMPT, REJECTED
+    from mnpo.data.formats import to_mnpo_pairs
     from mnpo.io import require_columns
 
+    rows = to_mnpo_pairs(rows, source)  # TRL's implicit-prompt pairs: the prompt is chosen/rejected's common start
     require_columns(rows, [PROMPT, CHOSEN, REJECTED], source)
     out = []
     for i, row in enumerate(rows, start=1):  # row numbers count from 1, as a JSONL file's lines do
@@ -180,6 +186,8 @@ def train_reward_model(config: RMRunConfig) -> Path:
         rejected = score_responses(trainer.model, tokenizer, [p for p, _, _ in ev], [r for _, _, r in ev])
         accuracy = sum(c > r for c, r in zip(chosen, rejected)) / len(ev)
         logger.info("reward model pairwise accuracy on %s: %.3f (%d pairs)", config.eval_split, accuracy, len(ev))
-    save_model_dir(trainer.model, tokenizer, config.output_dir)
+    from mnpo.models import MODEL_CARD, model_card
+
+    save_model_dir(trainer.model, tokenizer, config.output_dir, {MODEL_CARD: model_card(config, config.output_dir)})
     save_config(config, config.output_dir)
     return Path(config.output_dir)

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from trl import SFTConfig
 
@@ -36,6 +36,7 @@ def resolve_bf16(bf16: bool | None) -> bool:
 
 @dataclass
 class SFTRunConfig(SFTConfig):
+    CLI_COMMAND: ClassVar[str] = "train-sft"  # names its saved config and model card
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "causal LM to fine-tune: a local folder or a Hub id (required)"}
     )
@@ -222,6 +223,8 @@ def train_sft(config: SFTRunConfig) -> Path:
     logger.info("SFT done: %s", result.metrics)
     if config.eval_split:
         logger.info("SFT eval: %s", trainer.evaluate())
-    save_model_dir(trainer.model, tokenizer, config.output_dir)
+    from mnpo.models import MODEL_CARD, model_card
+
+    save_model_dir(trainer.model, tokenizer, config.output_dir, {MODEL_CARD: model_card(config, config.output_dir)})
     save_config(config, config.output_dir)
     return Path(config.output_dir)

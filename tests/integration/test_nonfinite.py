@@ -61,7 +61,7 @@ def test_train_mnpo_stops_at_the_first_non_finite_gradient_and_saves_no_result(p
     assert rc == 2, err
     assert "training diverged at step 2: the gradient norm is nan (not finite); no model was saved" in err
     assert "Traceback" not in err
-    assert _no_result_model(out) and not (out / "mnpo_config.yaml").exists()
+    assert _no_result_model(out) and not (out / "train_mnpo_config.yaml").exists()
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
     weights = load_file(out / "checkpoint-1" / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
@@ -173,4 +173,4 @@ def test_sft_rm_and_pm_training_stop_at_the_first_non_finite_gradient(policy, tm
     err = capsys.readouterr().err
     assert rc == 2, err
     assert "training diverged at step 2: the gradient norm is nan (not finite); no model was saved" in err
-    assert _no_result_model(out) and not (out / "config.yaml").exists()
+    assert _no_result_model(out) and not (out / f"{command.replace('-', '_')}_config.yaml").exists()

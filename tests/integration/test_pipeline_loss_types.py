@@ -123,7 +123,7 @@ def test_one_sppo_iteration_on_the_toy_world(toy_world, tmp_path):
     assert pairs and all(0.0 <= p[C.CHOSEN_WIN_RATE] <= 1.0 for p in pairs)
     meta = json.loads((out / "iter1" / "precompute" / "precompute.json").read_text())
     assert meta["loss_type"] == "sppo" and [m["columns"] for m in meta["models"]] == ["history0"]
-    config = (out / "iter1" / "model" / "mnpo_config.yaml").read_text()
+    config = (out / "iter1" / "model" / "train_mnpo_config.yaml").read_text()
     assert "loss_type: sppo" in config
     state = json.loads((out / "iter1" / "model" / "trainer_state.json").read_text())
     assert "target/chosen" in state["log_history"][0]

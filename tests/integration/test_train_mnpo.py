@@ -131,7 +131,7 @@ def test_cli_saves_model_tokenizer_and_config(world, tmp_path):
     rc = main(["train-mnpo", "--config", str(recipe), "--model_name_or_path", str(world["policy"]),
                "--dataset", str(world["pre"]), "--output_dir", str(out), "--ratio", "0.3", "--bf16", "true", *LENGTHS])  # fmt: skip
     assert rc == 0
-    saved = yaml.safe_load((out / "mnpo_config.yaml").read_text())
+    saved = yaml.safe_load((out / "train_mnpo_config.yaml").read_text())
     assert saved["eta"] == 0.05 and saved["ratio"] == 0.3  # YAML < CLI
     assert saved["bf16"] is False  # no GPU here: bf16 falls back to float32 with a warning
     assert AutoTokenizer.from_pretrained(out).chat_template == TEMPLATE
@@ -194,7 +194,7 @@ def test_two_process_ddp_training(world, tmp_path):
            "--logging_steps", "1", "--activation_checkpointing", "true", *LENGTHS]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (out / "model.safetensors").is_file() and (out / "mnpo_config.yaml").is_file()
+    assert (out / "model.safetensors").is_file() and (out / "train_mnpo_config.yaml").is_file()
 
 
 @pytest.mark.slow

@@ -39,7 +39,7 @@ def test_train_sft_cli(toy_world: Path, tmp_path: Path):
     changed = [k for k, v in _state(after).items() if not torch.equal(v, _state(before)[k])]
     assert len(changed) == len(_state(before))  # a few steps at a high rate move every parameter
     assert AutoTokenizer.from_pretrained(out).chat_template is not None
-    saved = yaml.safe_load((out / "config.yaml").read_text())
+    saved = yaml.safe_load((out / "train_sft_config.yaml").read_text())
     assert saved["max_steps"] == 3 and saved["model_name_or_path"] == str(toy_world / "policy")
     assert saved["completion_only_loss"] is True
     assert not [p for p in out.iterdir() if p.name.startswith(".save-")]
@@ -89,7 +89,7 @@ def test_train_rm_cli(toy_world: Path, tmp_path: Path):
     assert main(argv) == 0
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert model.config.num_labels == 1 and model.config.pad_token_id is not None
-    assert (out / "config.yaml").is_file() and (out / "tokenizer.json").is_file()
+    assert (out / "train_rm_config.yaml").is_file() and (out / "tokenizer.json").is_file()
 
 
 @pytest.mark.slow
