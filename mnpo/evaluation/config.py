@@ -94,12 +94,13 @@ class EvaluateConfig:
     )
     api_key_env: str = field(
         default=None,
-        metadata={"help": "environment variable holding the API key of --api_base (default: no key)"},
+        metadata={"help": "name of the environment variable holding the API key of --api_base (none: no key)"},
     )
     judge_api_key_env: str = field(
         default=None,
         metadata={
-            "help": "environment variable holding the API key of llm judges (default: MNPO_JUDGE_API_KEY if set)"
+            "help": "name of the environment variable holding the API key of llm judges "
+            "(none: MNPO_JUDGE_API_KEY if set, else no key)"
         },
     )
     api_concurrency: int = field(
@@ -107,9 +108,14 @@ class EvaluateConfig:
     )
     api_max_retries: int = field(
         default=5,
-        metadata={"help": "retries of a request to --api_base on connection errors, 429 and 5xx, with backoff"},
+        metadata={
+            "help": "retries of a request to --api_base or an llm judge on connection errors, 429 and 5xx, "
+            "with exponential backoff"
+        },
     )
-    api_timeout_s: float = field(default=300.0, metadata={"help": "seconds to wait for one answer of --api_base"})
+    api_timeout_s: float = field(
+        default=300.0, metadata={"help": "seconds to wait for one answer of --api_base or an llm judge"}
+    )
 
     def __post_init__(self):
         for name in ("models", "baseline", "prompts", "judges", "output_dir"):

@@ -315,6 +315,8 @@ def _load_judge(spec: str, config: EvaluateConfig) -> Any:
             batch_size=config.judge_batch_size,
             api_key_env=config.judge_api_key_env,
             concurrency=config.api_concurrency,
+            max_retries=config.api_max_retries,
+            timeout_s=config.api_timeout_s,
         )
     except (OSError, ValueError) as exc:
         raise MnpoError(f"judge '{spec}': cannot load it ({exc})") from exc

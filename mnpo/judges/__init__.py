@@ -34,6 +34,8 @@ def load_judge(
     batch_size: int = 16,
     api_key_env: str | None = None,
     concurrency: int = 8,
+    max_retries: int = 5,
+    timeout_s: float = 120.0,
 ) -> Any:
     """The one constructor of judges for trainers, annotation, evaluation and the server.
 
@@ -71,7 +73,7 @@ def load_judge(
             api_key = api_key_from_env(api_key_env, "--judge_api_key_env")
         else:
             api_key = os.environ.get(LLM_JUDGE_API_KEY_ENV) or NO_API_KEY
-        return LLMJudge(api_base, model, api_key, concurrency=concurrency)
+        return LLMJudge(api_base, model, api_key, concurrency=concurrency, max_retries=max_retries, timeout_s=timeout_s)
     from mnpo.errors import MnpoError
 
     raise MnpoError(f"unknown judge kind '{kind}'; expected one of {', '.join(JUDGE_TYPES)}")

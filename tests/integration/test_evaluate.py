@@ -188,6 +188,13 @@ def test_config_errors_name_the_flag(tmp_path):
     with pytest.raises(ValueError, match="unknown kind 'rm'"):
         parse_judge_spec("rm=path")
     assert parse_judge_spec("remote=http://host:8000/judge") == ("remote", "http://host:8000/judge")
+    served = dict(models=["served-name"], baseline="base", prompts="p", judges=["oracle=toy"], output_dir="o")
+    with pytest.raises(ValueError, match="--api_base 'localhost:8000/v1' must be the http"):
+        EvaluateConfig(**served, api_base="localhost:8000/v1")
+    with pytest.raises(ValueError, match="--max_prompt_length needs local models"):
+        EvaluateConfig(**served, api_base="http://localhost:8000/v1", max_prompt_length=32)
+    # With --api_base the model entries are served names, not folders.
+    assert EvaluateConfig(**served, api_base="http://localhost:8000/v1").models == ["served-name"]
     with pytest.raises(MnpoError, match="has no 'prompt' column"):
         write_jsonl(tmp_path / "bad.jsonl", [{"text": "x"}])
         from mnpo.evaluation.evaluate import load_prompts
