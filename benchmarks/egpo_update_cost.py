@@ -23,7 +23,18 @@ from mnpo.training.online_config import OnlineConfig
 from mnpo.training.online_trainer import build_trainer
 
 
-def measure(world: Path, alg: str, steps: int, batch: int, new_tokens: int, judge: str) -> dict[str, float]:
+def measure(
+    world: Path,
+    alg: str,
+    steps: int,
+    batch: int,
+    new_tokens: int,
+    judge: str,
+    extra_args: list[str] | None = None,
+    warmup: int = 2,
+) -> dict[str, float]:
+    """Median cost of one `alg` update after `warmup` updates; `extra_args` are more OnlineConfig flags
+    (the GPU kit passes `--bf16 true`)."""
     judge_args = (
         ["--judge_type", "oracle", "--judge_name_or_path", "toy"]
         if judge == "oracle"
@@ -57,6 +68,7 @@ def measure(world: Path, alg: str, steps: int, batch: int, new_tokens: int, judg
             "0",
             "--seed",
             "0",
+            *(extra_args or []),
         ],
     )
     trainer = build_trainer(cfg)
@@ -64,16 +76,19 @@ def measure(world: Path, alg: str, steps: int, batch: int, new_tokens: int, judg
     model = trainer.model
     prompts = [row["prompt"] for row in trainer.train_dataset]
     times, cpu, gen, judge_t, train, length = [], [], [], [], [], []
-    for step in range(steps + 2):  # 2 warm-up steps
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)  # GPU work is asynchronous
+    for step in range(steps + warmup):
         batch_prompts = [prompts[(step * batch + i) % len(prompts)] for i in range(batch)]
         trainer._metrics.clear()
+        sync()
         t0, c0 = time.perf_counter(), time.process_time()
         trainer.training_step(model, {"prompt": batch_prompts})
         trainer.optimizer.step()
         trainer.lr_scheduler.step()
         trainer.optimizer.zero_grad(set_to_none=True)
+        sync()
         elapsed, cpu_s = time.perf_counter() - t0, time.process_time() - c0
-        if step >= 2:
+        if step >= warmup:
             times.append(elapsed)
             cpu.append(cpu_s)
             gen.append(sum(trainer._metrics["time/generate"]))
@@ -88,6 +103,18 @@ def measure(world: Path, alg: str, steps: int, batch: int, new_tokens: int, judg
         "train_s": statistics.median(train),
         "length": statistics.mean(length),
     }
+
+
+def table(oipo1: dict[str, float], eg: dict[str, float]) -> list[str]:
+    """The result table (markdown lines), one row per algorithm."""
+    return [
+        "| alg | update wall (s) | update CPU (s) | generate (s) | judge (s) | loss+backward (s) | generation share | mean completion tokens |",
+        "|---|---|---|---|---|---|---|---|",
+    ] + [
+        f"| {name} | {m['update_s']:.3f} | {m['cpu_s']:.3f} | {m['generate_s']:.3f} | {m['judge_s']:.3f} | "
+        f"{m['train_s']:.3f} | {m['generate_s'] / m['update_s']:.0%} | {m['length']:.1f} |"
+        for name, m in (("oipo1", oipo1), ("eg", eg))
+    ]
 
 
 def main() -> None:
@@ -113,14 +140,8 @@ def main() -> None:
         f"machine: {platform.machine()} CPU, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}; "
         f"median of {args.steps} updates after 2 warm-up.",
         "",
-        "| alg | update wall (s) | update CPU (s) | generate (s) | judge (s) | loss+backward (s) | generation share | mean completion tokens |",
-        "|---|---|---|---|---|---|---|---|",
+        *table(oipo1, eg),
     ]
-    for name, m in (("oipo1", oipo1), ("eg", eg)):
-        lines.append(
-            f"| {name} | {m['update_s']:.3f} | {m['cpu_s']:.3f} | {m['generate_s']:.3f} | {m['judge_s']:.3f} | "
-            f"{m['train_s']:.3f} | {m['generate_s'] / m['update_s']:.0%} | {m['length']:.1f} |"
-        )
     lines += [
         "",
         f"**EGPO / OIPO1 update time: {ratio:.2f}x wall, {cpu_ratio:.2f}x process CPU time** (target <= 2.2x). "

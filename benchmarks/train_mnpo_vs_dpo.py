@@ -3,10 +3,11 @@
     OMP_NUM_THREADS=1 python benchmarks/train_mnpo_vs_dpo.py --steps 12 --out benchmarks/results_mnpo.md
 
 Same tiny Llama (built offline), same pairs, same per-device batch size, no truncation (every pair is
-shorter than max_length, so both trainers see identical token sequences), float32, no gradient
-checkpointing. Reference log-probs are precomputed for both (TRL at the start of train(), mnpo by
-`mnpo precompute` beforehand), so only optimisation steps are timed: the median wall time of a step
-after `--warmup` steps, from a TrainerCallback. The two trainers alternate twice to average out load.
+shorter than max_length, so both trainers see identical token sequences), float32 (or --bf16 on a GPU),
+no gradient checkpointing for either (set explicitly: TRL's DPOConfig turns it on by default). Reference
+log-probs are precomputed for both (TRL at the start of train(), mnpo by `mnpo precompute` beforehand),
+so only optimisation steps are timed: the median wall time of a step after `--warmup` steps, from a
+TrainerCallback. The two trainers alternate twice to average out load.
 """
 
 from __future__ import annotations
@@ -32,22 +33,34 @@ TEMPLATE = (
 )
 
 
-def build(root: Path, vocab: int, hidden: int, layers: int, rows: int) -> tuple[Path, Path]:
+def build(
+    root: Path,
+    vocab: int,
+    hidden: int,
+    layers: int,
+    rows: int,
+    *,
+    words: int = 400,
+    prompt_words: tuple[int, int] = (16, 128),
+    response_words: tuple[int, int] = (16, 192),
+    model_overrides: dict | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> tuple[Path, Path]:
+    """A word-level tokenizer (one token per word), a random Llama and `rows` pairs of random words.
+
+    `model_overrides` replaces LlamaConfig fields (the GPU kit builds a ~1B Llama-3.2-1B shape with it);
+    `device` is where the weights are initialised (a 1B model initialises in seconds on a GPU, minutes on
+    a CPU) and `dtype` the dtype they are saved in.
+    """
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     rng = random.Random(0)
-    words = [f"w{i}" for i in range(400)]
-    tok = Tokenizer(
-        models.WordLevel(
-            {
-                w: i
-                for i, w in enumerate(["<unk>", "<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", "<|end|>"] + words)
-            },
-            unk_token="<unk>",
-        )
-    )
+    special = ["<unk>", "<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", "<|end|>"]
+    words = [f"w{i}" for i in range(min(words, vocab - len(special)))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(special + words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
@@ -58,17 +71,21 @@ def build(root: Path, vocab: int, hidden: int, layers: int, rows: int) -> tuple[
         .replace("<|end|>", " <|end|> ")
     )
     tokenizer.save_pretrained(root / "policy")
-    config = LlamaConfig(
+    fields = dict(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
         bos_token_id=1, eos_token_id=2, pad_token_id=3,
     )  # fmt: skip
+    config = LlamaConfig(**{**fields, **(model_overrides or {})})
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(root / "policy")
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+    model.save_pretrained(root / "policy")
+    del model
     data = []
     for _ in range(rows):
-        prompt = " ".join(rng.choices(words, k=rng.randint(16, 128)))
-        chosen, rejected = (" ".join(rng.choices(words, k=rng.randint(16, 192))) for _ in range(2))
+        prompt = " ".join(rng.choices(words, k=rng.randint(*prompt_words)))
+        chosen, rejected = (" ".join(rng.choices(words, k=rng.randint(*response_words))) for _ in range(2))
         data.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     pairs = root / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in data))
@@ -77,15 +94,20 @@ def build(root: Path, vocab: int, hidden: int, layers: int, rows: int) -> tuple[
 
 class StepTimer:
     def __init__(self):
+        import torch
         from transformers import TrainerCallback
 
         timer = self
+        # GPU kernels run asynchronously: without a synchronisation a step's time would be its launch time.
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
         class _CB(TrainerCallback):
             def on_step_begin(self, args, state, control, **kw):
+                sync()
                 timer.t0 = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kw):
+                sync()
                 timer.times.append(time.perf_counter() - timer.t0)
 
         self.times: list[float] = []
@@ -93,6 +115,7 @@ class StepTimer:
 
 
 def run_dpo(policy: Path, pairs: Path, args, out: Path) -> list[float]:
+    import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
@@ -103,14 +126,15 @@ def run_dpo(policy: Path, pairs: Path, args, out: Path) -> list[float]:
           "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows]
     )  # fmt: skip
     config = DPOConfig(
-        output_dir=str(out), loss_type=["ipo"], beta=args.eta, precompute_ref_log_probs=True, bf16=False,
+        output_dir=str(out), loss_type=["ipo"], beta=args.eta, precompute_ref_log_probs=True, bf16=args.bf16,
         per_device_train_batch_size=args.batch_size, max_steps=args.steps, max_length=args.max_length,
         learning_rate=1e-5, logging_steps=1000, save_strategy="no", report_to="none", seed=0,
-        dataloader_num_workers=0,
+        dataloader_num_workers=0, gradient_checkpointing=False,  # DPOConfig turns it on by default; mnpo's is off
     )  # fmt: skip
     timer = StepTimer()
     trainer = DPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(policy), args=config, train_dataset=ds,
+        model=AutoModelForCausalLM.from_pretrained(policy, dtype=getattr(torch, args.model_dtype)), args=config,
+        train_dataset=ds,
         processing_class=AutoTokenizer.from_pretrained(policy), callbacks=[timer.callback],
     )  # fmt: skip
     trainer.train()
@@ -129,7 +153,8 @@ def run_mnpo(policy: Path, pre: Path, args, out: Path) -> list[float]:
         "--ratio", "1.0", "--per_device_train_batch_size", str(args.batch_size), "--max_steps", str(args.steps),
         "--max_length", str(args.max_length), "--max_prompt_length", str(args.max_length - 1),
         "--learning_rate", "1e-5", "--logging_steps", "1000", "--report_to", "none", "--seed", "0",
-        "--logprob_chunk_size", str(args.chunk_size),
+        "--logprob_chunk_size", str(args.chunk_size), "--bf16", str(args.bf16).lower(),
+        "--model_dtype", args.model_dtype, "--gradient_checkpointing", "false",
     ])  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(policy)
     ds = prepare_dataset(config, tokenizer)
@@ -154,6 +179,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--eta", type=float, default=0.1)
     parser.add_argument("--chunk_size", type=int, default=1024)
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision for both trainers (GPU)")
+    parser.add_argument("--model_dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -184,7 +211,7 @@ def main() -> None:
         f"{torch.__version__}, trl {trl.__version__}; date: {datetime.date.today().isoformat()}\n"
         f"- model: Llama hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; {args.rows} pairs "
         f"(prompt 16-128, responses 16-192 words = tokens), batch {args.batch_size}, max_length {args.max_length}, "
-        f"float32; median of {len(times['dpo'])} timed steps each (2 alternating runs, {args.warmup} warmup steps dropped)\n\n"
+        f"{args.model_dtype}{' + bf16 autocast' if args.bf16 else ''}; median of {len(times['dpo'])} timed steps each (2 alternating runs, {args.warmup} warmup steps dropped)\n\n"
         "| trainer | median s/step | steps/s |\n|---|---|---|\n"
         f"| TRL DPOTrainer ipo | {dpo:.3f} | {1 / dpo:.2f} |\n"
         f"| mnpo MNPOTrainer | {ours:.3f} | {1 / ours:.2f} |\n\n"

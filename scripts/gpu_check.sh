@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The GPU validation kit, one command (docs/gpu-validation.md, "The GPU kit"):
+#   bash scripts/gpu_check.sh [--out DIR] [--budget SECONDS]   # on the GPU machine, with .whl/ carried
+#   bash scripts/gpu_check.sh --dry_run [--out DIR]            # here: toy sizes on CPU, no wheels
+#   bash scripts/gpu_check.sh --parts "llama judge" --budget 200  # a rerun of some parts only
+# Installs the wheels carried in .whl/ (built by scripts/gpu_wheels.sh) into /tmp/site, prints the
+# versions, then runs benchmarks/gpu_check.py: the @pytest.mark.gpu tests, bf16 precompute and train-mnpo
+# on a ~1B Llama against TRL's DPOTrainer, EGPO vs OIPO1, the judge server; each part time-boxed. The
+# report is DIR/gpu_check.md (DIR: --out, else $OUT, else a new temp folder), the parts' output
+# DIR/gpu_check.log.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+invocation="bash scripts/gpu_check.sh${*:+ $*}"  # recorded in the report as the command
+
+dry_run=0
+out="${OUT:-}"
+# 450 s of parts + the install and start-up stay under the 8 minutes the kit is sized for.
+budget=450
+parts=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry_run) dry_run=1 ;;
+    --out) out="$2"; shift ;;
+    --budget) budget="$2"; shift ;;
+    --parts) read -ra parts <<<"$2"; shift ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+[ -n "$out" ] || out="$(mktemp -d -t gpu_check.XXXXXX)"
+mkdir -p "$out"
+started=$(date +%s)
+
+# Offline everywhere: the GPU machine has no network, and the dry run must not reach one either.
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled PYTHONUNBUFFERED=1
+# TRL's precompute writes its dataset cache under HF_HOME: keep it off the (small) repo checkout.
+export HF_HOME="${HF_HOME:-$(mktemp -d -t gpu_check_hf.XXXXXX)}"
+
+if [ "$dry_run" = 1 ]; then
+  # The project's environment (CPU torch, the pinned versions): what CI has.
+  # shellcheck disable=SC1091
+  source scripts/env.sh
+  python=python
+  extra=(--dry_run)
+  [ "$budget" = 450 ] && budget=300
+else
+  python=python3
+  extra=()
+  shopt -s nullglob
+  wheels=(.whl/*.whl)
+  shopt -u nullglob
+  if [ ${#wheels[@]} -eq 0 ]; then
+    echo "gpu_check.sh: no wheels in .whl/: run 'bash scripts/gpu_wheels.sh' here and carry .whl" >&2
+    exit 2
+  fi
+  # --no-deps: the wheel set is closed already (gpu_wheels.sh checked it), and there is no index there.
+  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "${wheels[@]}"
+  # The checkout first: its mnpo is the code under test even if the carried mnpo wheel is older; the
+  # wheel still gives mnpo's metadata and the `mnpo` command.
+  export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+  export PATH="/tmp/site/bin:$PATH"
+  export MNPO_GPU_SITE=/tmp/site
+  echo "[gpu_check] installed ${#wheels[@]} wheels into /tmp/site in $(( $(date +%s) - started )) s"
+fi
+
+"$python" - <<'EOF'
+import importlib.metadata as md
+import platform
+
+import torch
+
+names = ["torch", "transformers", "trl", "datasets", "deepspeed", "accelerate", "peft", "huggingface_hub", "mnpo"]
+found = []
+for n in names:
+    try:
+        found.append(f"{n} {md.version(n)}")
+    except md.PackageNotFoundError:
+        found.append(f"{n} MISSING")
+gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+print(f"[gpu_check] Python {platform.python_version()}; {gpu}; " + ", ".join(found))
+EOF
+
+args=(--out "$out" --budget "$budget" --command "$invocation")
+[ ${#parts[@]} -eq 0 ] || args+=(--parts "${parts[@]}")
+"$python" benchmarks/gpu_check.py run "${args[@]}" "${extra[@]}"
+echo "[gpu_check] total wall time $(( $(date +%s) - started )) s (the parts' budget: $budget s); report $out/gpu_check.md"
