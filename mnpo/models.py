@@ -267,24 +267,31 @@ def model_card(config: Any, output_dir: str | Path) -> str:
     base = getattr(config, "model_name_or_path", None)
     dataset = getattr(config, "dataset", None) or getattr(config, "dataset_name", None)
     method = getattr(config, "loss_type", None) or getattr(config, "alg", None)
+    config_uses_peft = bool(getattr(config, "use_peft", False))
 
     def local(value: Any) -> bool:
-        return value is None or Path(str(value)).exists() or str(value).startswith((".", "/"))
+        from mnpo.io import _looks_like_hub_id
+
+        return value is None or Path(str(value)).exists() or not _looks_like_hub_id(str(value))
 
     data = ModelCardData(
         base_model=None if local(base) else base,  # Hub metadata takes Hub ids only; the body names any path
         datasets=None if local(dataset) else [dataset],
         library_name="transformers",
-        tags=["mnpo", command]
-        + ([method] if method else [])
-        + (["lora"] if getattr(config, "use_peft", False) else []),
+        tags=[t for t in dict.fromkeys(["mnpo", command, method, "lora" if config_uses_peft else None]) if t],
     )
-    fields = _CARD_FIELDS + (_LORA_FIELDS if getattr(config, "use_peft", False) else ())
-    rows = [f"| {name} | {getattr(config, name)} |" for name in fields if hasattr(config, name)]
+    fields = _CARD_FIELDS + (_LORA_FIELDS if config_uses_peft else ())
+    rows = []
+    for name in fields:
+        value = getattr(config, name, None)
+        if value is None or value == [] or (name == "simpo_gamma" and method != "simpo"):
+            continue  # unset, or a field of another loss: not a setting of this run
+        rows.append(f"| {name} | {getattr(value, 'value', value)} |")  # enums (lr_scheduler_type) by value
     split = getattr(config, "dataset_split", None) or getattr(config, "split", None)
     iteration = _iteration(output_dir)
     lines = [
-        f"# {Path(output_dir).resolve().name}",
+        # A pipeline stage trains into `.<name>.partial` and renames it when done: title the final name.
+        f"# {Path(output_dir).resolve().name.lstrip('.').removesuffix('.partial')}",
         "",
         f"Trained with `mnpo {command}`: {_METHODS.get(command, command)}"
         + (f", loss / algorithm `{method}`." if method else "."),
