@@ -50,6 +50,7 @@ def test_online_loss_judges_and_scores_each_generations_own_prefixes():
     trainer = OnlineNLHFTrainer.__new__(OnlineNLHFTrainer)
     trainer.args = SimpleNamespace(alg="oipo2", normalize_logprobs=True, prefix_chunk_num=2, beta=0.1)
     trainer.tokenizer = _Tokenizer()
+    trainer.stop_ids = [EOS]
     trainer._metrics = defaultdict(list)
     # Per-token log-probs: y scores -1 everywhere; position t of y' scores -(t + 1), so the mean over
     # its first n tokens is -(n + 1) / 2.
