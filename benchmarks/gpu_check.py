@@ -252,23 +252,36 @@ def _toy_world_path() -> Path:
     return REPO / ".cache" / f"toy-world-{conftest._toy_world_key()}"
 
 
-def part_toy_world(work: Path, dry: bool) -> dict:
+def _ensure_toy_world(target: Path, carried: Path | None = None) -> str:
+    """Put the world at `target` (copied from `carried` if that has it, else built), under the lock the
+    `toy_world` fixture takes, so that a test session building the same world at the same time is waited
+    for instead of duplicated. Returns how: cached, carried or built."""
+    import fcntl
+
     from mnpo.toy.world import WORLD_FILE
 
-    target = _toy_world_path()
-    carried = REPO / ".whl" / target.name
-    t0 = time.perf_counter()
     if (target / WORLD_FILE).is_file():
-        how = "cached"
-    elif (carried / WORLD_FILE).is_file():
-        how = "carried"  # built by scripts/gpu_wheels.sh from the same toy sources (same key)
-        shutil.copytree(carried, target)
-    else:
+        return "cached"
+    target.parent.mkdir(exist_ok=True)
+    with open(target.parent / f"{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / WORLD_FILE).is_file():
+            return "cached"
+        if carried is not None and (carried / WORLD_FILE).is_file():
+            shutil.copytree(carried, target)
+            return "carried"
         from mnpo.toy.config import ToyConfig
         from mnpo.toy.world import build_toy_world
 
-        how = "built"
         build_toy_world(ToyConfig(output_dir=str(target)))
+        return "built"
+
+
+def part_toy_world(work: Path, dry: bool) -> dict:
+    target = _toy_world_path()
+    t0 = time.perf_counter()
+    # The carried copy was built by scripts/gpu_wheels.sh from the same toy sources (same key).
+    how = _ensure_toy_world(target, REPO / ".whl" / target.name)
     return {"path": str(target), "how": how, "seconds": time.perf_counter() - t0}
 
 
@@ -278,8 +291,11 @@ def part_gpu_tests(work: Path, dry: bool) -> dict:
     junit = work / "junit.xml"
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/gpu", "-q", "-rs", "-p", "no:cacheprovider",
            f"--junitxml={junit}"]  # fmt: skip
+    # The GPU machine has pytest plugins (benchmark, cov, xdist, ...) built for its own pytest, not the carried
+    # one; the tests need none of them, and one that fails to load would abort the whole session.
+    env = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - t0
     sys.stdout.write(proc.stdout[-20000:] + proc.stderr[-5000:])
     tests = []
@@ -512,14 +528,15 @@ def section_llama(r: dict, peak_tflops: float) -> list[str]:
     tok_step = r["tokens_per_step"]
     mt_tps, tt_tps = tok_step / mt["step_s"], tok_step / tt["step_s"]
     lines = [
-        f"Model: random LlamaForCausalLM, {n / 1e9:.3f}B parameters (hidden {s['hidden']}, {s['layers']} layers, "
+        f"Model: random LlamaForCausalLM, {n:,} parameters ({n / 1e9:.2f}B; hidden {s['hidden']}, {s['layers']} layers, "
         f"{s['heads']} heads / {s['kv_heads']} KV heads, intermediate {s['intermediate']}, vocabulary {s['vocab']:,}, "
         f"tied embeddings), weights {s['dtype']}, built on {r['device']} in {r['build_s']:.1f} s. Data: {s['rows']} "
         f"pairs of random words from a word-level tokenizer filling the vocabulary, prompt {s['prompt_words']} and "
         f"responses {s['response_words']} words each ({r['tokens_per_pair']:.0f} tokens per pair, chat template "
         f"included), same rows for both. Memory: {r['memory']}, model weights included. MFU against "
         f"{peak_tflops:g} TFLOP/s (H200 SXM bf16 dense, datasheet): forward-only 2·N·tokens, training "
-        f"6·N·tokens with N = {n:,}, counting every token (prompt included) as the convention does.",
+        "6·N·tokens with N the parameter count, every token counted (prompt included) as the convention does: "
+        "a trainer that skips work (mnpo runs the LM head at completion positions only) is credited for it.",
         "",
         "| stage | implementation | seconds | tokens | tokens/s | peak memory | MFU |",
         "|---|---|---|---|---|---|---|",
@@ -535,7 +552,7 @@ def section_llama(r: dict, peak_tflops: float) -> list[str]:
         f"mnpo / TRL: precompute **{mp_tps / tp_tps:.2f}x** tokens/s at {mp['peak_mib'] / tp['peak_mib']:.2f}x the "
         f"peak memory; training **{mt_tps / tt_tps:.2f}x** tokens/s at {mt['peak_mib'] / tt['peak_mib']:.2f}x the "
         f"peak memory. Batch {s['batch_size']} pairs ({2 * s['batch_size']} sequences per precompute forward), "
-        f"{'bf16 mixed precision' if s['bf16'] else 'float32'}, no gradient checkpointing, warm-up steps dropped: "
+        f"{s['dtype']} weights, Trainer bf16={s['bf16']}, no gradient checkpointing, warm-up steps dropped: "
         f"{s['warmup']}. `mnpo precompute` as a whole command took {mp['command_s']:.1f} s (model load and "
         "dataset writing included).",
     ]
@@ -754,14 +771,8 @@ def _tree_bytes() -> int:
 
 def carry_toy_world(into: Path) -> int:
     """Copy the tests' toy world (building it first if this checkout has none) to `into`/<its key>."""
-    from mnpo.toy.world import WORLD_FILE
-
     world = _toy_world_path()
-    if not (world / WORLD_FILE).is_file():
-        from mnpo.toy.config import ToyConfig
-        from mnpo.toy.world import build_toy_world
-
-        build_toy_world(ToyConfig(output_dir=str(world)))
+    _ensure_toy_world(world)
     for old in into.glob("toy-world-*"):
         shutil.rmtree(old)
     shutil.copytree(world, into / world.name)
@@ -775,7 +786,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run")
     p.add_argument("--out", required=True, help="folder for gpu_check.md (the report) and gpu_check.log")
     p.add_argument("--dry_run", action="store_true", help="toy sizes on CPU")
-    p.add_argument("--budget", type=float, default=450, help="seconds for all parts together")
+    p.add_argument("--budget", type=float, default=420, help="seconds for all parts together")
     p.add_argument("--peak_tflops", type=float, default=H200_BF16_PEAK_TFLOPS)
     p.add_argument("--command", default="python benchmarks/gpu_check.py run", help="recorded in the report")
     p.add_argument("--parts", nargs="*", choices=[n for n, _, _ in PARTS], help="a subset (default: all)")
