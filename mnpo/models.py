@@ -210,7 +210,7 @@ _CARD_FIELDS = (
     "loss_type", "alg", "eta", "ratio", "tau", "beta", "simpo_gamma", "history_weights", "max_history_t",
     "logp_reduction", "mixture_coef", "prefix_chunk_num", "learning_rate", "lr_scheduler_type", "warmup_steps",
     "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
-    "max_prompt_length", "max_new_tokens", "model_dtype", "bf16", "seed",
+    "max_prompt_length", "max_new_tokens", "model_dtype", "dtype", "bf16", "seed",
 )  # fmt: skip
 _LORA_FIELDS = (
     "lora_r",

@@ -21,13 +21,13 @@ from transformers import TrainingArguments
 
 from mnpo.errors import MnpoError, check_model_path
 from mnpo.training.reward_model import load_sequence_classifier, pair_rows
-from mnpo.training.sft import load_tokenizer, model_init_kwargs, resolve_bf16, save_model_dir
+from mnpo.training.sft import ModelDtypeArguments, load_tokenizer, model_init_kwargs, resolve_bf16, save_model_dir
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class PMRunConfig(TrainingArguments):
+class PMRunConfig(ModelDtypeArguments, TrainingArguments):
     CLI_COMMAND: ClassVar[str] = "train-pm"  # names its saved config and model card
     model_name_or_path: str | None = field(
         default=None,

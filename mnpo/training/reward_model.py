@@ -18,13 +18,13 @@ from typing import Any, ClassVar
 from trl import RewardConfig
 
 from mnpo.errors import MnpoError, check_model_path
-from mnpo.training.sft import load_tokenizer, model_init_kwargs, resolve_bf16, save_model_dir
+from mnpo.training.sft import ModelDtypeArguments, load_tokenizer, model_init_kwargs, resolve_bf16, save_model_dir
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class RMRunConfig(RewardConfig):
+class RMRunConfig(ModelDtypeArguments, RewardConfig):
     CLI_COMMAND: ClassVar[str] = "train-rm"  # names its saved config and model card
     model_name_or_path: str | None = field(
         default=None,

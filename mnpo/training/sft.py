@@ -35,7 +35,22 @@ def resolve_bf16(bf16: bool | None) -> bool:
 
 
 @dataclass
-class SFTRunConfig(SFTConfig):
+class ModelDtypeArguments:
+    """`--dtype` (alias `--torch_dtype`) of train-sft, train-rm and train-pm: the dtype the model is loaded in,
+    TRL's ModelConfig.dtype; the same key of `model_init_kwargs` still works (both set: they must agree)."""
+
+    dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "dtype the model is loaded in (default float32: fp32 master weights, mixed precision from "
+            "--bf16/--fp16)",
+            "choices": ["float32", "bfloat16", "float16"],
+        },
+    )
+
+
+@dataclass
+class SFTRunConfig(ModelDtypeArguments, SFTConfig):
     CLI_COMMAND: ClassVar[str] = "train-sft"  # names its saved config and model card
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "causal LM to fine-tune: a local folder or a Hub id (required)"}
@@ -97,8 +112,13 @@ def model_init_kwargs(config) -> dict[str, Any]:
             raw = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise MnpoError(f"model_init_kwargs must be a JSON object, got {raw!r} ({exc})") from exc
+    dtype = getattr(config, "dtype", None)
+    if dtype and raw.get("dtype", dtype) != dtype:
+        raise MnpoError(
+            f"--dtype {dtype} and model_init_kwargs' dtype {raw['dtype']} disagree; set the dtype in one place"
+        )
     # fp32 master weights unless asked otherwise; mixed precision comes from bf16/fp16.
-    return {"dtype": "float32", **raw}
+    return {"dtype": "float32", **raw, **({"dtype": dtype} if dtype else {})}
 
 
 def load_tokenizer(name_or_path: str):

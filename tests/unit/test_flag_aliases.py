@@ -98,3 +98,16 @@ def test_an_alias_never_shadows_a_field_of_that_name():
         for action in parser._actions:
             for option in action.option_strings:
                 assert owners.setdefault(option, action.dest) == action.dest, (command, option)
+
+
+@pytest.mark.parametrize("command", ["train-sft", "train-rm", "train-pm"])
+def test_sft_rm_pm_take_dtype_like_the_other_trainers(command):
+    from mnpo.errors import MnpoError
+    from mnpo.training.sft import model_init_kwargs
+
+    argv = ["--model_name_or_path", "m", "--dataset", "d", "--output_dir", "o", "--use_cpu", "true"]
+    assert model_init_kwargs(_parse(command, argv))["dtype"] == "float32"  # unchanged default
+    assert model_init_kwargs(_parse(command, [*argv, "--torch_dtype", "bfloat16"]))["dtype"] == "bfloat16"
+    both = _parse(command, [*argv, "--dtype", "float16", "--model_init_kwargs", '{"dtype": "bfloat16"}'])
+    with pytest.raises(MnpoError, match="--dtype float16 and model_init_kwargs' dtype bfloat16 disagree"):
+        model_init_kwargs(both)
