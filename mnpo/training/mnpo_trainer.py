@@ -406,8 +406,8 @@ def train_mnpo(config: MNPOConfig) -> Path:
         eval_source = config.eval_dataset or config.dataset
         if eval_source == config.dataset and config.eval_split in (None, config.dataset_split):
             raise MnpoError(
-                f"--eval_split {config.eval_split} would evaluate on the training pairs; name another split of "
-                "--dataset, or pass --eval_dataset"
+                f"the eval data ({eval_source}, split {config.eval_split}) is the training data; set --eval_split to "
+                "another split of --dataset, or --eval_dataset to held-out pairs"
             )
         eval_dataset = prepare_dataset(config, tokenizer, eval_source, config.eval_split)
     num_history = count_history_columns(dataset.column_names)

@@ -197,6 +197,10 @@ def test_eval_strategy_without_eval_data_is_refused(tiny, precomputed_splits, tm
     argv = ["train-mnpo", "--model_name_or_path", str(tiny["policy"]), "--dataset", str(precomputed_splits / "train")]
     assert main([*argv, "--output_dir", str(tmp_path), "--eval_strategy", "steps", *CPU]) == 2
     assert "--eval_strategy steps needs pairs to evaluate on: set --eval_split" in capsys.readouterr().err
+    both = ["--dataset", str(precomputed_splits / "both"), "--dataset_split", "train", "--eval_split", "train"]
+    argv = ["train-mnpo", "--model_name_or_path", str(tiny["policy"]), *both, "--output_dir", str(tmp_path), *CPU]
+    assert main(argv) == 2
+    assert "split train) is the training data; set --eval_split to another split" in capsys.readouterr().err
 
 
 def test_train_mnpo_model_card(tiny, precomputed_splits, tmp_path):
