@@ -67,11 +67,11 @@ def all_prompts() -> list[str]:
 class ReplyMix:
     """Probabilities of the reply sampler's defects (each drawn independently)."""
 
-    off_topic: float = 0.25
-    short: float = 0.15
-    long: float = 0.15
-    repetition: float = 0.2
-    cut_off: float = 0.15
+    off_topic: float = 0.35
+    short: float = 0.2
+    long: float = 0.2
+    repetition: float = 0.3
+    cut_off: float = 0.3
     no_style: float = 0.1
 
 

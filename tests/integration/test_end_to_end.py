@@ -1,22 +1,31 @@
 """The end-to-end proof: `bash run.sh` on the toy world, 3 TD-MNPO iterations and 3 EGPO iterations,
-with the shipped toy recipes (only the world folder points at the session's cached toy world).
+with the shipped toy recipes (only the world folder points at the session's cached toy world, which
+is built from the same `ToyConfig` defaults as run.sh's `outputs/toy-world`).
 
-Each iterate's oracle win rate against the reference (the toy SFT policy) stays above 50%, and the
-last iterate's 95% bootstrap interval lies above 50%. The runs are deterministic for the seed, so on
-this machine the figures are those in README.md / docs/pipeline.md.
+TD-MNPO's oracle win rate against the reference (the toy SFT policy) rises every iteration and reaches
+0.65 with a 95% interval starting at 0.60 or above; EGPO's stays above 50% with the last interval
+above 50%. The runs are deterministic for the seed; other machines give slightly different floats, so
+the figures in README.md must agree with the measured ones to within README_TOLERANCE.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
+README_ROWS = {"td-mnpo": "| TD-MNPO (`bash run.sh`) |", "egpo": "| EGPO (`MODE=egpo bash run.sh`) |"}
+# "0.637 [0.597, 0.676]": win rate [95% interval]
+FIGURE = re.compile(r"(\d\.\d{3}) \[(\d\.\d{3}), (\d\.\d{3})\]")
+# We saw differences of about 0.02 between machines for the same seed.
+README_TOLERANCE = 0.03
+TD_MNPO_MIN_LAST = 0.65
+TD_MNPO_MIN_LAST_CI_LOW = 0.60
 
 
 def _run_sh(toy_world: Path, out: Path, mode: str | None) -> dict:
@@ -38,11 +47,41 @@ def _oracle_curve(out: Path) -> list[dict]:
     ]
 
 
-@pytest.mark.parametrize("mode", [None, "egpo"], ids=["td-mnpo", "egpo"])
+def readme_figures(mode: str) -> list[tuple[float, float, float]]:
+    """(win rate, ci low, ci high) per iteration from the README's toy-results row of `mode`."""
+    rows = [line for line in (REPO / "README.md").read_text().splitlines() if line.startswith(README_ROWS[mode])]
+    assert len(rows) == 1, f"README.md needs exactly one row starting with {README_ROWS[mode]!r}"
+    return [tuple(float(x) for x in m) for m in FIGURE.findall(rows[0])]
+
+
+@pytest.mark.parametrize("mode", ["td-mnpo", "egpo"])
+def test_readme_rows_state_three_iterations_that_pass_the_bar(mode):
+    # Quick check of the documented figures alone; the slow test below reruns them.
+    figures = readme_figures(mode)
+    assert len(figures) == 3, figures
+    assert all(low <= rate <= high for rate, low, high in figures), figures
+    if mode == "td-mnpo":
+        assert all(b[0] > a[0] for a, b in zip(figures, figures[1:])), figures
+        assert figures[-1][0] >= TD_MNPO_MIN_LAST and figures[-1][1] >= TD_MNPO_MIN_LAST_CI_LOW, figures
+    else:
+        assert all(rate > 0.5 for rate, _, _ in figures) and figures[-1][1] > 0.5, figures
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["td-mnpo", "egpo"])
 def test_run_sh_three_iterations_beat_the_reference(toy_world, tmp_path, mode):
-    out = tmp_path / (mode or "td-mnpo")
-    _run_sh(toy_world, out, mode)
+    out = tmp_path / mode
+    _run_sh(toy_world, out, None if mode == "td-mnpo" else mode)
     curve = _oracle_curve(out)
-    assert all(point["win_rate"] > 0.5 for point in curve), curve
-    assert curve[-1]["ci_low"] > 0.5, curve[-1]
+    if mode == "td-mnpo":
+        # The method visibly works: every iterate beats the previous one, and the last clearly beats pi_ref.
+        assert all(b["win_rate"] > a["win_rate"] for a, b in zip(curve, curve[1:])), curve
+        assert curve[-1]["win_rate"] >= TD_MNPO_MIN_LAST, curve[-1]
+        assert curve[-1]["ci_low"] >= TD_MNPO_MIN_LAST_CI_LOW, curve[-1]
+    else:
+        assert all(point["win_rate"] > 0.5 for point in curve), curve
+        assert curve[-1]["ci_low"] > 0.5, curve[-1]
+    measured = [(p["win_rate"], p["ci_low"], p["ci_high"]) for p in curve]
+    for documented, got in zip(readme_figures(mode), measured, strict=True):
+        assert all(abs(d - g) <= README_TOLERANCE for d, g in zip(documented, got)), (documented, got)
     assert (out / "iter3" / "report" / "alignment_curve.png").stat().st_size > 1000
