@@ -116,7 +116,7 @@ def test_train_sft_rm_pm_max_length_defaults_to_the_context(policy, tmp_path, co
 
     import yaml
 
-    from mnpo.config import parse_config
+    from mnpo.config import config_file_name, parse_config
 
     cls, handler = (getattr(importlib.import_module(m), a) for m, a in (ref.split(":") for ref in command))
     p = "what is two plus two"
@@ -128,4 +128,5 @@ def test_train_sft_rm_pm_max_length_defaults_to_the_context(policy, tmp_path, co
     with pytest.raises(MnpoError, match="--max_length 1000 exceeds the context of .* \\(256 tokens\\)"):
         handler(parse_config(cls, [*argv, "--output_dir", str(tmp_path / "x"), "--max_length", "1000"]))
     handler(parse_config(cls, [*argv, "--output_dir", str(tmp_path / "o"), "--max_steps", "1"]))
-    assert yaml.safe_load((tmp_path / "o" / f"{cls.CLI_COMMAND.replace('-', '_')}_config.yaml").read_text())["max_length"] == CONTEXT  # not 1024
+    saved = tmp_path / "o" / config_file_name(cls.CLI_COMMAND)
+    assert yaml.safe_load(saved.read_text())["max_length"] == CONTEXT  # not 1024
