@@ -49,8 +49,8 @@ if [ "$dry_run" = 1 ]; then
 else
   python=python3
   extra=()
-  # 420 s of parts + the install (~15 s) and the version print stay under the 8 minutes the kit is sized for.
-  budget="${budget:-420}"
+  # 450 s of parts + the install (~15 s) and the version print stay under the 8 minutes the kit is sized for.
+  budget="${budget:-450}"
   shopt -s nullglob
   wheels=(.whl/*.whl)
   shopt -u nullglob
