@@ -22,6 +22,7 @@ A part that fails or outruns its box records its error; the run goes on to the n
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime
 import json
 import os
@@ -331,6 +332,8 @@ def part_llama(work: Path, dry: bool) -> dict:
     size = LLAMA["dry" if dry else "gpu"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     root = Path(tempfile.mkdtemp(prefix="gpu_check_llama_"))
+    # Removed when this part's process ends, whether the part succeeded or raised (a 1B model is 2.5 GB).
+    atexit.register(shutil.rmtree, root, True)
     t0 = time.perf_counter()
     overrides = {"intermediate_size": size["intermediate"], "num_attention_heads": size["heads"],
                  "num_key_value_heads": size["kv_heads"], "tie_word_embeddings": True,
@@ -413,7 +416,7 @@ def part_llama(work: Path, dry: bool) -> dict:
                 2 * len(p) + len(c) + len(r)
                 for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])
             )
-        _reset_peak()  # the training peak below is the training step's alone
+        _reset_peak()  # the training peak is measured from here: weights and what training adds
         return result
 
     trl.DPOTrainer._precompute_ref_logps = timed_pre
@@ -424,7 +427,6 @@ def part_llama(work: Path, dry: bool) -> dict:
     out["trl_train"] = {"step_s": _median(times), "steps": len(times), "peak_mib": _peak_mib()}
     out["tokens_per_pair"] = tokens_per_pair
     out["tokens_per_step"] = tokens_per_pair * size["batch_size"]
-    shutil.rmtree(root, ignore_errors=True)
     return out
 
 
@@ -564,7 +566,8 @@ def section_llama(r: dict, peak_tflops: float) -> list[str]:
         f"peak memory. Batch {s['batch_size']} pairs ({2 * s['batch_size']} sequences per precompute forward), "
         f"{s['dtype']} weights, Trainer bf16={s['bf16']}, no gradient checkpointing, warm-up steps dropped: "
         f"{s['warmup']}. `mnpo precompute` as a whole command took {mp['command_s']:.1f} s (model load and "
-        "dataset writing included).",
+        "dataset writing included); the precompute rows time TRL's whole precompute pass (scoring and caching "
+        "the two columns) and mnpo's scoring call.",
     ]
     if "tokens" in tp and tp["tokens"] != mp["tokens"]:
         lines.append(f"TRL tokenised the same rows to {tp['tokens']:,} tokens (mnpo: {mp['tokens']:,}).")
@@ -593,17 +596,18 @@ def section_judge(r: dict) -> list[str]:
     ]
 
 
-def write_report(path: Path, work: Path, meta: dict) -> str:
+def write_report(path: Path, work: Path, meta: dict) -> tuple[str, int]:
+    """Writes the markdown report; returns it and the number of parts that are not ok."""
     versions = _load(work, "versions")
     v = versions["result"] if versions and versions["result"] else {}
     pk = {p["name"]: p["version"] for p in v.get("packages", [])}
     title = "GPU kit dry run (CPU, toy sizes)" if meta["dry"] else f"GPU kit run on {v.get('gpu') or 'no GPU'}"
+    machine = f"{v['gpu']} ({v['gpu_memory_gib']} GiB)" if v.get("gpu") else f"{platform.machine()} CPU"
     lines = [
         f"### {meta['date']} — {title}",
         "",
         f"- command: `{meta['command']}`",
-        f"- machine: {v.get('gpu') or platform.machine() + ' CPU'}, {v.get('cpus', os.cpu_count())} CPUs; "
-        f"date: {meta['date']} ({meta['started']} UTC)",
+        f"- machine: {machine}, {v.get('cpus', os.cpu_count())} CPUs; date: {meta['date']} ({meta['started']} UTC)",
         "- versions: "
         + ", ".join(
             f"{k} {pk[k]}"
@@ -616,8 +620,10 @@ def write_report(path: Path, work: Path, meta: dict) -> str:
     sections = {"versions": section_versions, "toy_world": section_toy_world, "gpu_tests": section_gpu_tests,
                 "llama": lambda r: section_llama(r, meta["peak_tflops"]), "egpo": section_egpo,
                 "judge": section_judge}  # fmt: skip
-    budget_rows = []
+    budget_rows, failed = [], 0
     for i, (name, _, heading) in enumerate(PARTS):
+        if name not in meta["names"]:
+            continue  # a rerun of some parts reports those only
         lines += [f"#### {i}. {heading}", ""]
         rec, box = _load(work, name), meta["boxes"].get(name)
         status = _status(rec, meta["timed_out"].get(name, False), name in meta["elapsed"])
@@ -636,6 +642,7 @@ def write_report(path: Path, work: Path, meta: dict) -> str:
             lines += ["**FAILED**:", "", "```", err.strip()[-2500:], "```"]
         if name == "gpu_tests" and status == "ok" and not rec["result"]["ok"]:
             status = "tests failed"
+        failed += status != "ok"
         lines.append("")
         secs = meta["elapsed"].get(name)
         budget_rows.append(f"| {name} | {status} | {'-' if secs is None else f'{secs:.1f}'} | "
@@ -644,7 +651,7 @@ def write_report(path: Path, work: Path, meta: dict) -> str:
               "", f"Total wall time: {meta['total']:.1f} s (budget {meta['budget']:.0f} s for the parts).", ""]  # fmt: skip
     text = "\n".join(lines)
     path.write_text(text)
-    return text
+    return text, failed
 
 
 def _load(work: Path, name: str) -> dict | None:
@@ -671,6 +678,7 @@ def run(args) -> int:
             "started": now.strftime("%H:%M:%S"), "budget": args.budget, "peak_tflops": args.peak_tflops,
             "boxes": {}, "elapsed": {}, "timed_out": {}}  # fmt: skip
     names = [p[0] for p in PARTS if not args.parts or p[0] in args.parts]
+    meta["names"] = names
     with open(log, "w", encoding="utf-8") as logf:
         for i, (name, box, _) in enumerate(p for p in PARTS if p[0] in names):
             later = len(names) - i - 1
@@ -700,11 +708,12 @@ def run(args) -> int:
             print(f"[gpu_check] {name}: {_status(rec, meta['timed_out'].get(name, False), True)} in "
                   f"{meta['elapsed'][name]:.1f} s", flush=True)  # fmt: skip
     meta["total"] = time.perf_counter() - t_start
-    text = write_report(report, work, meta)
+    text, failed = write_report(report, work, meta)
     print(text)
-    print(f"[gpu_check] report: {report}; log: {log}; total wall {meta['total']:.1f} s (budget {args.budget:.0f} s)")
+    print(f"[gpu_check] report: {report}; log: {log}; total wall {meta['total']:.1f} s (budget {args.budget:.0f} s); "
+          f"{failed} part(s) not ok")  # fmt: skip
     shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return 1 if failed else 0
 
 
 # --- wheels: the check before they travel -------------------------------------------------------------------------

@@ -88,5 +88,7 @@ EOF
 
 args=(--out "$out" --budget "$budget" --command "$invocation")
 [ ${#parts[@]} -eq 0 ] || args+=(--parts "${parts[@]}")
-"$python" benchmarks/gpu_check.py run "${args[@]}" "${extra[@]}"
+rc=0  # non-zero when a part failed or outran its box; the report says which
+"$python" benchmarks/gpu_check.py run "${args[@]}" "${extra[@]}" || rc=$?
 echo "[gpu_check] total wall time $(( $(date +%s) - started )) s (the parts' budget: $budget s); report $out/gpu_check.md"
+exit "$rc"
