@@ -90,3 +90,50 @@ def test_gpu_check_dry_run_reports_every_part(toy_world, tmp_path):
         assert cells[1] == "ok", cells
         _positive(cells[2])
     assert re.search(r"Total wall time: " + NUMBER + " s", budget)
+
+
+def _wheel(folder: Path, filename: str, requires: list[str]) -> None:
+    import zipfile
+
+    name, version = filename.split("-")[:2]
+    meta = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n" + "".join(
+        f"Requires-Dist: {r}\n" for r in requires
+    )
+    with zipfile.ZipFile(folder / filename, "w") as z:
+        z.writestr(f"{name}-{version}.dist-info/METADATA", meta)
+
+
+def test_wheel_check_finds_what_would_break_the_install_there(tmp_path, capsys):
+    """`gpu_check.py wheels` (run by scripts/gpu_wheels.sh) refuses a set that would not install or import
+    on the GPU machine, and passes one that would."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    check_wheels = gpu_check.check_wheels
+
+    good = tmp_path / "good"
+    good.mkdir()
+    _wheel(good, "foo-1.0-py3-none-any.whl", ["numpy", "bar>=2", 'tomli; python_version < "3.11"', "zzz; extra == 'x'"])
+    _wheel(good, "bar-2.0-cp312-cp312-manylinux_2_17_x86_64.manylinux2014_x86_64.whl", ["torch>=2.0"])
+    assert check_wheels(good, limit_mib=1, tree_limit_mib=64) == 0, capsys.readouterr().err
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    _wheel(bad, "foo-1.0-py3-none-any.whl", ["bar>=3", "not-on-the-machine", "transformers>=5.20"])
+    _wheel(bad, "bar-2.0-py3-none-any.whl", [])
+    _wheel(bad, "bar-2.1-py3-none-any.whl", [])
+    _wheel(bad, "baz-1.0-cp311-cp311-manylinux2014_x86_64.whl", [])
+    capsys.readouterr()
+    assert check_wheels(bad, limit_mib=1, tree_limit_mib=64) == 1
+    err = capsys.readouterr().err
+    assert "two versions of bar" in err
+    assert "foo needs bar>=3: carried 2." in err
+    assert "foo needs not-on-the-machine: neither carried nor on the GPU machine" in err
+    assert "foo needs transformers>=5.20: the GPU machine has 5.17.0 (carry it)" in err
+    assert "baz-1.0-cp311-cp311-manylinux2014_x86_64.whl: no tag installs on CPython 3.12" in err
+
+    (good / "big.bin").write_bytes(b"\0" * (2 * 2**20))
+    assert check_wheels(good, limit_mib=1, tree_limit_mib=64) == 1
+    assert "over the 1 MiB kept for wheels" in capsys.readouterr().err
