@@ -11,12 +11,13 @@ Subcommands:
              tags, every requirement carried or on the GPU machine, sizes under the limits
   toy-world  copy (or build) the test suite's cached toy world into a folder that travels with the wheels
 
-Parts: `versions` (what is installed and whether it fits together), `toy_world` (the tests' cached
-world, carried or built), `gpu_tests` (pytest -m gpu tests/gpu), `llama` (bf16 `mnpo precompute` and
-`train-mnpo` on a random ~1B Llama with a 128k vocabulary against TRL's DPOTrainer, same data),
-`egpo` (one EGPO update against one OIPO1 update, benchmarks/egpo_update_cost.py) and `judge`
-(`mnpo serve-judge` with concurrent clients against sequential requests, benchmarks/judge_server.py).
-A part that fails or outruns its box records its error; the run goes on to the next part.
+Parts, in order: `versions` (what is installed and whether it fits together), `toy_world` (the tests'
+cached world, carried or built), `llama` (bf16 `mnpo precompute` and `train-mnpo` on a random ~1B Llama
+with a 128k vocabulary against TRL's DPOTrainer, same data), `egpo` (one EGPO update against one OIPO1
+update, benchmarks/egpo_update_cost.py), `judge` (`mnpo serve-judge` with concurrent clients against
+sequential requests, benchmarks/judge_server.py) and `gpu_tests` (pytest -m gpu tests/gpu). A part that
+fails or outruns its box records its error; the run goes on to the next part; the exit code is 1 if any
+part is not ok.
 """
 
 from __future__ import annotations
