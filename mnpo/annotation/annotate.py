@@ -61,7 +61,8 @@ class AnnotateConfig:
         default=None,
         metadata={
             "help": "any mnpo judge as the pairwise ranker, KIND=PATH_OR_URL: oracle=TOY_WORLD_DIR (the toy "
-            "world's ground-truth preference), remote=URL (`mnpo serve-judge`), pairwise=DIR, reward=DIR"
+            "world's ground-truth preference), remote=URL (`mnpo serve-judge`), pairwise=DIR, reward=DIR, "
+            "llm=URL#MODEL (an OpenAI-compatible chat server; API key from $MNPO_JUDGE_API_KEY if set)"
         },
     )
     judge_name: str | None = field(default=None, metadata={"help": "name of the --judge scores (default: its KIND)"})
@@ -120,9 +121,6 @@ def _default_name(path: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(path.rstrip("/")).name) or "model"
 
 
-JUDGE_KINDS = ("oracle", "remote", "pairwise", "reward")
-
-
 def scorer_specs(config: AnnotateConfig) -> list[tuple[str, str, str | None]]:
     """[(name, kind "rm" | "pm" | "dataset", path)] in scoring order."""
     specs = [
@@ -136,9 +134,12 @@ def scorer_specs(config: AnnotateConfig) -> list[tuple[str, str, str | None]]:
             (config.preference_model_name or _default_name(config.preference_model), "pm", config.preference_model)
         )
     if config.judge:
-        kind, sep, target = config.judge.partition("=")
-        if not sep or kind not in JUDGE_KINDS or not target:
-            raise MnpoError(f"--judge {config.judge!r}: expected KIND=PATH_OR_URL with KIND one of {JUDGE_KINDS}")
+        from mnpo.judges import parse_judge_spec
+
+        try:
+            kind, _ = parse_judge_spec(config.judge)
+        except ValueError as exc:
+            raise MnpoError(f"--judge: {exc}") from exc
         specs.append((config.judge_name or kind, "pm", config.judge))
     if not specs:
         specs.append((DATASET_SCORES, "dataset", None))
@@ -330,9 +331,9 @@ def _load_scorer(kind: str, path: str, config: AnnotateConfig):
             trust_remote_code=config.trust_remote_code,
         )
     if config.judge is not None and path == config.judge:
-        from mnpo.judges import load_judge
+        from mnpo.judges import load_judge, parse_judge_spec
 
-        kind, _, target = path.partition("=")
+        kind, target = parse_judge_spec(path)
         return load_judge(
             kind, target, device=device, dtype=str(dtype).replace("torch.", ""), batch_size=config.batch_size
         )

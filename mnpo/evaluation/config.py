@@ -4,26 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-JUDGE_KINDS = ("oracle", "reward", "pairwise", "remote", "llm")
-
-
-def parse_judge_spec(spec: str) -> tuple[str, str]:
-    """'KIND=PATH_OR_URL' -> (kind, path or URL); for `llm` the target is URL#MODEL."""
-    if "=" not in spec:
-        raise ValueError(
-            f"judge '{spec}' must be KIND=PATH_OR_URL with KIND one of {', '.join(JUDGE_KINDS)}, "
-            "e.g. oracle=outputs/toy-run/world or reward=models/rm"
-        )
-    kind, target = spec.split("=", 1)
-    if kind not in JUDGE_KINDS:
-        raise ValueError(f"judge '{spec}': unknown kind '{kind}', expected one of {', '.join(JUDGE_KINDS)}")
-    if not target:
-        raise ValueError(f"judge '{spec}': the path or URL after '=' is empty")
-    if kind == "llm":
-        from mnpo.judges import split_llm_target
-
-        split_llm_target(target)
-    return kind, target
+# One judge syntax for evaluate, annotate and train-egpo: KIND=PATH_OR_URL (mnpo.judges).
+from mnpo.judges import JUDGE_TYPES as JUDGE_KINDS  # noqa: E402,F401
+from mnpo.judges import parse_judge_spec  # noqa: E402,F401
 
 
 @dataclass

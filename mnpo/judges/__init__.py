@@ -13,6 +13,24 @@ JUDGE_TYPES = ("pairwise", "reward", "oracle", "remote", "llm")
 LLM_JUDGE_API_KEY_ENV = "MNPO_JUDGE_API_KEY"
 
 
+def parse_judge_spec(spec: str) -> tuple[str, str]:
+    """'KIND=PATH_OR_URL' -> (kind, path or URL), the one judge syntax of every command; for `llm` the
+    target is URL#MODEL. ValueError naming the fix otherwise."""
+    if "=" not in spec:
+        raise ValueError(
+            f"judge '{spec}' must be KIND=PATH_OR_URL with KIND one of {', '.join(JUDGE_TYPES)}, "
+            "e.g. oracle=outputs/toy-run/world or reward=models/rm"
+        )
+    kind, target = spec.split("=", 1)
+    if kind not in JUDGE_TYPES:
+        raise ValueError(f"judge '{spec}': unknown kind '{kind}', expected one of {', '.join(JUDGE_TYPES)}")
+    if not target:
+        raise ValueError(f"judge '{spec}': the path or URL after '=' is empty")
+    if kind == "llm":
+        split_llm_target(target)
+    return kind, target
+
+
 def split_llm_target(target: str) -> tuple[str, str]:
     """'URL#MODEL' of an `llm` judge -> (URL, MODEL); ValueError naming the fix otherwise."""
     api_base, sep, model = target.partition("#")

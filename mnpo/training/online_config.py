@@ -8,6 +8,7 @@ from typing import ClassVar
 
 from transformers import TrainingArguments
 
+from mnpo.judges import JUDGE_TYPES
 from mnpo.models import LoraArguments
 
 ALGORITHMS = ("eg", "oipo1", "oipo2", "nmd", "nmdpg")
@@ -33,6 +34,13 @@ class OnlineConfig(LoraArguments, TrainingArguments):
         },
     )
     model_name_or_path: str = field(default=None, metadata={"help": "initial policy (HF directory or hub id)"})
+    model_revision: str = field(
+        default=None,
+        metadata={
+            "help": "Hub revision (branch, tag or commit) of model_name_or_path, passed to from_pretrained (also for "
+            "the reference when it is the same model)"
+        },
+    )
     ref_model_name_or_path: str = field(
         default=None,
         metadata={
@@ -48,12 +56,16 @@ class OnlineConfig(LoraArguments, TrainingArguments):
     judge_type: str = field(
         default="pairwise",
         metadata={
-            "help": "pairwise | reward | oracle | remote (see mnpo.judges.load_judge)",
-            "choices": ["pairwise", "reward", "oracle", "remote"],
+            "help": "pairwise | reward | oracle | remote | llm (see mnpo.judges.load_judge)",
+            "choices": list(JUDGE_TYPES),
         },
     )
     judge_name_or_path: str = field(
-        default=None, metadata={"help": "judge model dir, toy world dir (oracle) or server URL (remote)"}
+        default=None,
+        metadata={
+            "help": "judge model dir, toy world dir (oracle), server URL (remote) or URL#MODEL of an "
+            "OpenAI-compatible chat server (llm; API key from $MNPO_JUDGE_API_KEY if set)"
+        },
     )
     judge_token: str = field(
         default=None, metadata={"help": "bearer token of a remote judge (or env MNPO_JUDGE_TOKEN)"}

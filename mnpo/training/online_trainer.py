@@ -557,8 +557,12 @@ def _dtype(name: str):
     return "auto" if name == "auto" else getattr(torch, name)
 
 
-def _load_kwargs(cfg) -> dict[str, Any]:
-    return {"dtype": _dtype(cfg.model_dtype), "attn_implementation": cfg.attn_implementation}
+def _load_kwargs(cfg, revision: bool = True) -> dict[str, Any]:
+    """from_pretrained kwargs of the policy; `revision=False` for another model (a separate reference)."""
+    kwargs = {"dtype": _dtype(cfg.model_dtype), "attn_implementation": cfg.attn_implementation}
+    if revision and cfg.model_revision:
+        kwargs["revision"] = cfg.model_revision
+    return kwargs
 
 
 def build_trainer(cfg) -> OnlineNLHFTrainer:
@@ -568,7 +572,9 @@ def build_trainer(cfg) -> OnlineNLHFTrainer:
 
     if cfg.generation_backend == "vllm":
         refuse_adapter(cfg.model_name_or_path, "the colocated vLLM sampler")
-    tokenizer = load_tokenizer(cfg.model_name_or_path)
+    tokenizer = load_tokenizer(
+        cfg.model_name_or_path, **({"revision": cfg.model_revision} if cfg.model_revision else {})
+    )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     # Prompt + completion stay inside the policy's context (the default prompt budget is what it leaves).
@@ -580,7 +586,10 @@ def build_trainer(cfg) -> OnlineNLHFTrainer:
     if cfg.use_peft:
         model = add_lora(model, cfg, cfg.model_name_or_path)
     if not cfg.use_peft or (cfg.alg in ("nmd", "nmdpg") and cfg.ref_model_name_or_path):
-        ref_model = load_causal_lm(cfg.ref_model_name_or_path or cfg.model_name_or_path, **_load_kwargs(cfg))
+        ref_model = load_causal_lm(
+            cfg.ref_model_name_or_path or cfg.model_name_or_path,
+            **_load_kwargs(cfg, revision=not cfg.ref_model_name_or_path),
+        )
     elif cfg.alg in ("nmd", "nmdpg"):
         raise MnpoError(
             "alg=nmd/nmdpg with use_peft needs ref_model_name_or_path: the geometric mixture runs the "

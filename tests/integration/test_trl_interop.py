@@ -353,3 +353,29 @@ def test_card_metadata_names_hub_ids_only(tiny, tmp_path):
     local = card(str(tiny["policy"]), "outputs/toy-run/iter1/precompute", tmp_path / "m")
     assert local.data.base_model is None and local.data.datasets is None  # paths are in the body only
     assert f"- Base model: `{tiny['policy']}`" in local.text and "| tau |" not in local.text
+
+
+def test_train_egpo_passes_model_revision_to_the_policy_not_to_another_reference(tiny, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from mnpo.config import parse_config
+    from mnpo.training.online_config import OnlineConfig
+    from mnpo.training.online_trainer import _load_kwargs
+
+    argv = ["--model_name_or_path", str(tiny["policy"]), "--dataset_name", "d", "--judge_type", "oracle"]
+    argv += ["--judge_name_or_path", "toy", "--output_dir", "o", *CPU, "--model_revision", "v1.0"]
+    cfg = parse_config(OnlineConfig, argv)
+    assert _load_kwargs(cfg)["revision"] == "v1.0"
+    assert "revision" not in _load_kwargs(cfg, revision=False)
+    seen = []
+    real = AutoModelForCausalLM.from_pretrained
+
+    def recording(name, **kwargs):
+        seen.append(kwargs.get("revision"))
+        return real(name, **{k: v for k, v in kwargs.items() if k != "revision"})
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", recording)
+    from mnpo.models import load_causal_lm
+
+    load_causal_lm(cfg.model_name_or_path, **_load_kwargs(cfg))
+    assert seen == ["v1.0"]

@@ -103,3 +103,20 @@ def test_llm_judge_spec():
     for bad in ("llm=http://127.0.0.1:8000/v1", "llm=127.0.0.1:8000#judge", "llm=http://h/v1#"):
         with pytest.raises(ValueError, match="expected llm=URL#MODEL"):
             parse_judge_spec(bad)
+
+
+def test_annotate_and_train_egpo_take_the_same_judge_syntax():
+    """One judge syntax: annotate's --judge and train-egpo's --judge_type accept every kind evaluate does."""
+    from mnpo.annotation.annotate import AnnotateConfig, scorer_specs
+    from mnpo.errors import MnpoError
+    from mnpo.judges import JUDGE_TYPES
+    from mnpo.training.online_config import OnlineConfig
+
+    config = AnnotateConfig(
+        dataset="d.jsonl", output_dir="out", judge="llm=http://127.0.0.1:8000/v1#org/judge", judge_name="gpt"
+    )
+    assert scorer_specs(config) == [("gpt", "pm", "llm=http://127.0.0.1:8000/v1#org/judge")]
+    with pytest.raises(MnpoError, match=r"--judge: judge 'llm=http://h/v1': expected llm=URL#MODEL"):
+        scorer_specs(AnnotateConfig(dataset="d.jsonl", output_dir="out", judge="llm=http://h/v1"))
+    choices = next(f for f in OnlineConfig.__dataclass_fields__.values() if f.name == "judge_type").metadata["choices"]
+    assert list(choices) == list(JUDGE_TYPES) and "llm" in choices
