@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 # One judge syntax for evaluate, annotate and train-egpo: KIND=PATH_OR_URL (mnpo.judges).
 from mnpo.judges import JUDGE_TYPES as JUDGE_KINDS  # noqa: E402,F401
@@ -11,6 +12,7 @@ from mnpo.judges import parse_judge_spec  # noqa: E402,F401
 
 @dataclass
 class EvaluateConfig:
+    CLI_COMMAND: ClassVar[str] = "evaluate"  # names its saved config (evaluate_config.yaml)
     models: list[str] = field(
         default=None,
         metadata={

@@ -7,7 +7,7 @@ Kept free of torch so `mnpo simulate --help` is instant.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 ALGORITHMS = ("oipo1", "oipo2", "nmd", "nmdpg", "egpo", "mnpo")
 
@@ -76,6 +76,7 @@ BASE_DEFAULTS: dict = {
 
 @dataclass
 class SimulateConfig:
+    CLI_COMMAND: ClassVar[str] = "simulate"  # names its saved config (simulate_config.yaml)
     preset: str | None = field(
         default=None,
         metadata={"help": f"named paper configuration, one of {', '.join(PRESETS)}; explicit flags override it"},

@@ -311,7 +311,7 @@ def test_cli_writes_results_plot_and_config_and_reruns_identically(tmp_path, cap
         assert len(res["gap_curve"]) == 3 and len(res["gap_curve"][0]) == 5
     assert "final_gap_average" in results["algorithms"]["mnpo"]
     assert (out / "gap.png").stat().st_size > 1000
-    saved = yaml.safe_load((out / "config.yaml").read_text())
+    saved = yaml.safe_load((out / "simulate_config.yaml").read_text())
     assert saved["mode"] == "sampled" and saved["beta"] == 0.1 and saved["runs"] == 3
     first = (out / "results.json").read_text()
     simulate(parse_config(SimulateConfig, argv[1:] + ["--plot", "false"]))
