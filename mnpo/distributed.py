@@ -29,6 +29,7 @@ from __future__ import annotations
 import atexit
 import gc
 import logging
+import os
 import sys
 import types
 import weakref
@@ -36,6 +37,24 @@ import weakref
 logger = logging.getLogger(__name__)
 
 _destroyed: list[weakref.ref] = []  # the groups shutdown() destroyed, checked once more at exit
+
+
+def process_rank() -> int:
+    """This process's global rank: torch.distributed's when a group exists, else the launcher's RANK
+    (torchrun and accelerate set it before the process starts, so logging can be configured before any
+    group exists), else 0. Imports nothing: torch.distributed is asked only if something imported it."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def is_main_process() -> bool:
+    """True on global rank 0: the one process of a multi-process run that logs progress and INFO lines."""
+    return process_rank() == 0
 
 
 def shutdown() -> None:

@@ -26,6 +26,7 @@ from typing import Any, Literal
 from mnpo.data import columns as C
 from mnpo.errors import MnpoError, check_judge_path, check_model_path
 from mnpo.generation.shards import ShardStore, derive_seed, fingerprint, model_fingerprint, resolve_process_shard
+from mnpo.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -446,11 +447,13 @@ def annotate(config: AnnotateConfig) -> Path | None:
         if not todo:
             continue
         scorer = _load_scorer(kind, path, config) if path else None
-        for chunk in todo:
-            store.write(
-                chunk, _score_chunk(kind, scorer, [records[i] for i in store.chunk_rows(chunk)], config.truncation)
-            )
-            logger.info("annotate: %s shard %d written", name, chunk)
+        with Progress(sum(len(store.chunk_rows(c)) for c in todo), f"annotate {name}", unit="prompt") as progress:
+            for chunk in todo:
+                store.write(
+                    chunk, _score_chunk(kind, scorer, [records[i] for i in store.chunk_rows(chunk)], config.truncation)
+                )
+                progress.update(len(store.chunk_rows(chunk)))
+                logger.debug("annotate: %s shard %d written", name, chunk)
         del scorer  # free the model before loading the next one
     if not all(s.all_done() for s in stores.values()):
         logger.info(

@@ -19,6 +19,7 @@ from mnpo.data.columns import PROMPT, PROMPT_ID
 from mnpo.errors import MnpoError, check_judge_path, check_model_path
 from mnpo.evaluation.config import EvaluateConfig, parse_judge_spec
 from mnpo.io import load_splits, read_jsonl, write_json, write_jsonl
+from mnpo.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ def generate_responses(model_path: str, prompts: list[Any], config: EvaluateConf
     keep = prompt_budget(config.max_prompt_length, config.max_new_tokens, context, model_path)
     torch.manual_seed(config.seed)
     out: list[str] = []
+    progress = Progress(len(prompts), f"generate {Path(model_path).name or model_path}", unit="prompt")
     for start in range(0, len(prompts), config.batch_size):
         ids = [encode_prompt(tokenizer, p)[-keep:] for p in prompts[start : start + config.batch_size]]
         width = max(len(x) for x in ids)
@@ -97,6 +99,8 @@ def generate_responses(model_path: str, prompts: list[Any], config: EvaluateConf
         with torch.no_grad():
             gen = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=generation_config)
         out += tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
+        progress.update(len(ids))
+    progress.close()
     del model
     return [r.strip() for r in out]
 
@@ -237,7 +241,13 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     for judge_name, spec in zip(judge_names, config.judges):
         kind, _ = parse_judge_spec(spec)
         judge = judges.get(spec) or _load_judge(spec, config)
-        probs_by_model = {name: win_probabilities(judge, kind, prompts, responses[name], baseline) for name in names}
+        # One judge call per model (the judge batches inside it): the count moves per model, an llm judge's
+        # requests also show their own progress.
+        probs_by_model = {}
+        with Progress(len(names) * len(prompts), f"judge {judge_name}", unit="pair") as progress:
+            for name in names:
+                probs_by_model[name] = win_probabilities(judge, kind, prompts, responses[name], baseline)
+                progress.update(len(prompts))
         for name, probs in probs_by_model.items():
             results[name][judge_name] = summarise(
                 probs,

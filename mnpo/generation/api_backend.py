@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from mnpo.errors import MnpoError, require_extra
+from mnpo.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -91,36 +90,6 @@ def check_served_models(client: Any, api_base: str, names: Sequence[str], option
             ) from exc
 
 
-class Progress:
-    """A tqdm bar on a terminal; elsewhere (logs, CI) a plain line with the same numbers every `every_s`."""
-
-    def __init__(self, total: int, desc: str, every_s: float = 30.0):
-        self.total, self.desc, self.every_s = total, desc, every_s
-        self.done = 0
-        self.start = self.last_line = time.monotonic()
-        self.bar = None
-        if sys.stderr.isatty():
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit="req", dynamic_ncols=True)
-
-    def update(self, count: int = 1) -> None:
-        self.done += count
-        if self.bar is not None:
-            self.bar.update(count)
-            return
-        now = time.monotonic()
-        if now - self.last_line >= self.every_s or self.done == self.total:
-            self.last_line = now
-            rate = self.done / max(now - self.start, 1e-9)
-            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            logger.info("%s: %d/%d (%.2f req/s, ETA %.0f s)", self.desc, self.done, self.total, rate, eta)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def run_requests(
     send: Callable[[dict[str, Any]], Any], requests: Sequence[dict[str, Any]], concurrency: int, desc: str
 ) -> list[Any]:
@@ -128,7 +97,7 @@ def run_requests(
 
     The first failure cancels the requests not yet started and is raised (an MnpoError as it is).
     """
-    progress = Progress(len(requests), desc)
+    progress = Progress(len(requests), desc, unit="req")
 
     def one(request: dict[str, Any]) -> Any:
         result = send(request)

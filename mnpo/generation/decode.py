@@ -306,6 +306,9 @@ def decode(config: DecodeConfig) -> Path | None:
                 f"--model_name_or_path {config.model_name_or_path}: its tokenizer has no chat template; use a chat "
                 "(instruct) model, or add a template (tokenizer.chat_template) and save_pretrained it"
             )
+        from mnpo.progress import Progress
+
+        progress = Progress(sum(len(store.chunk_rows(c)) for c in todo), "decode", unit="prompt")
         for n_done, chunk in enumerate(todo, start=1):
             idx, token_ids, n_cut, skipped = [], [], 0, []
             for i in store.chunk_rows(chunk):
@@ -357,7 +360,9 @@ def decode(config: DecodeConfig) -> Path | None:
                     "skipped": SKIP_PAST_CONTEXT,
                 }
             store.write(chunk, (decoded[i] for i in store.chunk_rows(chunk)))
-            logger.info("decode: shard %d written (%d/%d of this process)", chunk, n_done, len(todo))
+            progress.update(len(store.chunk_rows(chunk)))
+            logger.debug("decode: shard %d written (%d/%d of this process)", chunk, n_done, len(todo))
+        progress.close()
     if not store.all_done():
         logger.info(
             "decode: this process's shards are done; the merge runs once every process has finished "

@@ -15,6 +15,7 @@ import torch
 
 from mnpo.config import save_config
 from mnpo.io import write_json
+from mnpo.progress import Progress
 from mnpo.simulation.algorithms import GameContext, MNPOStep, make_sgd_algorithm
 from mnpo.simulation.config import ALGORITHMS, SimulateConfig
 from mnpo.simulation.game import duality_gap, make_preference_matrices
@@ -90,8 +91,10 @@ def run_algorithm(name: str, config: SimulateConfig, P, log_pi_ref, make_policy)
     report_every = max(1, config.iterations // 10)
     next_report = report_every
     start = time.perf_counter()
+    progress = Progress(config.iterations, f"simulate {name}", unit="step")
     for t in range(1, config.iterations + 1):
         step()
+        progress.update()
         slot = (t - 1) % block
         with torch.no_grad():
             buffer[slot] = policy.log_probs()
@@ -112,6 +115,7 @@ def run_algorithm(name: str, config: SimulateConfig, P, log_pi_ref, make_policy)
                     gaps[t].median().item(),
                     time.perf_counter() - start,
                 )
+    progress.close()
     out = {"gaps": gaps}
     if average_gaps is not None:
         out["average_gaps"] = average_gaps

@@ -222,6 +222,7 @@ def score_sequences(
     device: Any,
     rank: int = 0,
     world_size: int = 1,
+    desc: str = "precompute",
 ) -> dict[int, float]:
     """ell(completion | prompt) for this rank's share of the sequences, as {sequence index: value}.
 
@@ -239,7 +240,10 @@ def score_sequences(
     mine = batches[rank::world_size]
     steps = -(-len(batches) // world_size)
     out: dict[int, float] = {}
-    with torch.no_grad():
+    from mnpo.progress import Progress
+
+    # Every rank runs `steps` batches in lockstep, so rank 0's count is the stage's.
+    with torch.no_grad(), Progress(steps, desc, unit="batch") as progress:
         for step in range(steps):
             real = step < len(mine)
             idx = mine[step] if real else (mine[-1] if mine else batches[-1])
@@ -250,6 +254,7 @@ def score_sequences(
             )
             if real:
                 out.update(zip(idx, values.tolist()))
+            progress.update()
     return out
 
 
@@ -411,7 +416,7 @@ def precompute_logps(config: PrecomputeConfig) -> Path:
             out = score_sequences(
                 model, prompts, completions, pad_token_id=pad_id, batch_size=config.per_device_batch_size,
                 reduction=config.logp_reduction, chunk_size=config.logprob_chunk_size, device=state.device,
-                rank=state.process_index, world_size=state.num_processes,
+                rank=state.process_index, world_size=state.num_processes, desc=f"precompute {prefix}",
             )  # fmt: skip
             values = _gather(out, 2 * n)
             _check_finite(values, n, prefix, path, config)  # before caching: a NaN log-prob trains a NaN model

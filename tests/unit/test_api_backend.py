@@ -89,7 +89,7 @@ def _generate(server: FlakyServer, max_retries: int) -> list[str]:
 
 
 def test_transient_errors_are_retried_and_settings_sent(caplog):
-    with FlakyServer([503, 429]) as server, caplog.at_level(logging.INFO, logger="mnpo.generation.api_backend"):
+    with FlakyServer([503, 429]) as server, caplog.at_level(logging.INFO, logger="mnpo.progress"):
         assert _generate(server, max_retries=2) == ["echo: one", "echo: two"]
     assert len(server.requests) == 4  # 2 failures retried, then one success per prompt
     last = server.requests[-1]
