@@ -153,9 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mnpo: unknown command '{name}'\n\n{_usage()}", file=sys.stderr)
         return 2
     command = COMMANDS[name]
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
-    )
+    configure_logging()
+    if name == "pipeline" and rest[:1] == ["status"]:
+        return _pipeline_status(rest[1:], debug)
     from mnpo.config import parse_config
     from mnpo.models import set_invocation
 
@@ -165,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
         # Before the stage writes anything: a file or a read-only folder here would otherwise fail
         # half-way, after minutes of loading and decoding.
         check_output_dir(getattr(config, "output_dir", None))
+        if getattr(config, "disable_tqdm", False):
+            # TrainingArguments' switch also silences mnpo's own progress, in this process and what it starts.
+            from mnpo.progress import PROGRESS_ENV
+
+            os.environ[PROGRESS_ENV] = "0"
         _load(command.handler)(config)
     except MnpoError as exc:
         return _report(name, f"{exc}", exc, debug, 2)
@@ -177,6 +182,49 @@ def main(argv: list[str] | None = None) -> int:
         return _report(name, f"{type(exc).__name__}: {exc} ({hint})", exc, debug, 1)
     finally:
         shutdown()  # a process group left alive aborts the exit (mnpo/distributed.py)
+    return 0
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging() -> None:
+    """Logging of every command, set once here: INFO on the main process of a multi-process run, WARNING on
+    the others (one copy of each line), Python warnings through logging so they are shown on the main process
+    only (each rank would print its own copy of a third-party deprecation warning), and the same split for
+    transformers' and datasets' own loggers."""
+    from mnpo.distributed import is_main_process
+
+    main_process = is_main_process()
+    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, format=LOG_FORMAT, datefmt="%H:%M:%S")
+    logging.captureWarnings(True)
+    if not main_process:
+        logging.getLogger("py.warnings").setLevel(logging.ERROR)
+        # The libraries keep their own verbosity (their loggers do not propagate to the root).
+        for library in ("transformers", "datasets"):
+            module = sys.modules.get(library) or _try_import(library)
+            if module is not None:
+                module.utils.logging.set_verbosity_error()
+
+
+def _try_import(name: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def _pipeline_status(argv: list[str], debug: bool) -> int:
+    """`mnpo pipeline status DIR`: the run's stages from its manifest; starts nothing."""
+    if len(argv) != 1 or argv[0].startswith("-"):
+        print("usage: mnpo pipeline status OUTPUT_DIR  (the output_dir of a pipeline run)", file=sys.stderr)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    from mnpo.pipeline.status import format_status, stage_states
+
+    try:
+        print(format_status(stage_states(argv[0])))
+    except MnpoError as exc:
+        return _report("pipeline status", str(exc), exc, debug, 2)
     return 0
 
 

@@ -22,6 +22,7 @@ lock until the last of them is gone, so a rerun cannot race them: see mnpo/pipel
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import os
 import shlex
@@ -39,8 +40,15 @@ from mnpo.errors import MnpoError
 from mnpo.pipeline.config import PipelineConfig, extra_flags
 from mnpo.pipeline.guard import GRACE_S
 from mnpo.pipeline.manifest import Manifest, Stage, library_versions, run_lock
+from mnpo.progress import format_seconds
 
 logger = logging.getLogger(__name__)
+# What the user watches: one line when a stage starts (with the run's elapsed time), its progress lines
+# forwarded from its log, one line when it ends. Its own handler and format ("[pipeline] ...", on stdout, the
+# command's output) so it stays visible while the manifest's per-stage INFO lines are silenced.
+announce = logging.getLogger("mnpo.pipeline.stages")
+# How often a running stage's log is read for progress lines to forward.
+FOLLOW_EVERY_S = 1.0
 
 # Stage kinds: which python runs them and how (decode may live in a vLLM environment; training is
 # the only stage launched across nodes).
@@ -81,6 +89,61 @@ def _wait(proc: subprocess.Popen) -> int:
             proc.kill()
             proc.wait()
         raise
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever sys.stdout is when a line is logged (not when the handler was made), so output that is
+    redirected later (pytest's capture, contextlib.redirect_stdout) still gets the lines."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; sys.stdout is always used instead
+        pass
+
+
+def _configure_announce() -> None:
+    """[pipeline] lines on stdout, once per process (a second `run_pipeline` in a test adds no handler)."""
+    if not any(isinstance(h, _StdoutHandler) for h in announce.handlers):
+        handler = _StdoutHandler()
+        handler.setFormatter(logging.Formatter("[pipeline] %(message)s"))
+        announce.addHandler(handler)
+    announce.setLevel(logging.INFO)
+    announce.propagate = False
+
+
+def _follow(proc: subprocess.Popen, log: Path, offset: int, name: str) -> int:
+    """Wait for `proc` like `_wait`, meanwhile forwarding the progress lines (mnpo.progress) it writes to `log`
+    from byte `offset` on: the stage's rate and ETA show in the pipeline's output, not only in its log file."""
+    from mnpo.progress import progress_enabled
+
+    if not progress_enabled():
+        return _wait(proc)
+    marker = " mnpo.progress: "
+    pending = b""
+
+    def forward() -> None:
+        nonlocal offset, pending
+        with open(log, "rb") as f:
+            f.seek(offset)
+            chunk = f.read()
+        offset += len(chunk)
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            text = line.decode(errors="replace")
+            if marker in text:
+                announce.info("%s: %s", name, text.split(marker, 1)[1])
+
+    try:
+        while proc.poll() is None:
+            time.sleep(FOLLOW_EVERY_S)
+            forward()
+        forward()
+    except BaseException:
+        return _wait(proc)  # interrupted: stop the stage as _wait does (it re-raises)
+    return proc.returncode
 
 
 def _per_iteration(values: list, t: int):
@@ -245,7 +308,7 @@ class Pipeline:
         with open(log, "a") as f:
             f.write(f"\n### {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
             f.flush()
-            returncode = _wait(self._start(cmd, f, self._env()))
+            returncode = _follow(self._start(cmd, f, self._env()), log, f.tell(), name)
         if returncode != 0:
             tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-25:])
             raise MnpoError(
@@ -735,6 +798,7 @@ class Pipeline:
             seed=c.seed,
             mode=c.mode,
         )
+        run_started = time.time()
         for stage in stages:
             if c.stage is not None and stage.name != c.stage:
                 continue
@@ -742,17 +806,33 @@ class Pipeline:
             if stage.name.endswith("/report"):
                 stage = next(s for s in self.plan() if s.name == stage.name)
             started = time.time()
-            ran = self.manifest.run(stage)
+            ran = self.manifest.run(dataclasses.replace(stage, run=self._announced(stage, run_started)))
             status = f"done in {time.time() - started:.1f} s" if ran else "up to date"
-            print(f"[pipeline] {stage.name:<28} {status}", flush=True)
+            announce.info("%-28s %s (run elapsed %s)", stage.name, status, format_seconds(time.time() - run_started))
         last = self.out / f"iter{c.num_iterations}" / "report"
         if c.stage is None:
-            print(
-                f"[pipeline] outputs: {self.out}\n[pipeline] manifest: {self.manifest.path}\n"
-                f"[pipeline] report: {self.out / 'REPORT.md'} (plots in {last})"
-            )
+            announce.info("outputs: %s", self.out)
+            announce.info("manifest: %s (`mnpo pipeline status %s` shows every stage)", self.manifest.path, self.out)
+            announce.info("report: %s (plots in %s)", self.out / "REPORT.md", last)
             if (last / "alignment_curve.png").is_file():
-                print(f"[pipeline] alignment curve: {last / 'alignment_curve.png'}")
+                announce.info("alignment curve: %s", last / "alignment_curve.png")
+
+    def _announced(self, stage: Stage, run_started: float):
+        """`stage.run`, preceded by a line saying which stage starts, what it runs and where it logs. Called only
+        when the manifest decides to run the stage, so skipped stages print just their "up to date" line."""
+
+        def run(partial: Path) -> None:
+            if "command" in stage.params:
+                what = shlex.join(["mnpo", stage.params["command"], *stage.params["args"]])
+                log = self.out / "logs" / (stage.name.replace("/", "-") + ".log")
+                what += f"  (log: {log})"
+            else:
+                what = "in this process"
+            elapsed = format_seconds(time.time() - run_started)
+            announce.info("%-28s started at run elapsed %s: %s", stage.name, elapsed, what)
+            stage.run(partial)
+
+        return run
 
     def submit_slurm(self, stages: list[Stage], dry_run: bool = False) -> list[str]:
         """One sbatch job per pending stage, each `afterok` on the previous one. A job reruns
@@ -816,7 +896,8 @@ class Pipeline:
 
 def run_pipeline(config: PipelineConfig) -> None:
     """CLI handler of `mnpo pipeline`."""
-    logging.getLogger("mnpo.pipeline").setLevel(logging.WARNING)  # one [pipeline] line per stage instead
+    logging.getLogger("mnpo.pipeline").setLevel(logging.WARNING)  # [pipeline] lines per stage instead
+    _configure_announce()
     out = Path(config.output_dir)
     with run_lock(out) as lock_fd:
         Pipeline(config, lock_fd).run()
