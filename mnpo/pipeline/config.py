@@ -260,6 +260,19 @@ class PipelineConfig:
     dry_run: bool = field(
         default=False, metadata={"help": "print the stage plan (and sbatch commands) without running anything"}
     )
+    # Tracking (mnpo/tracking.py): passed to the stages through the environment and flags that stay out of
+    # their fingerprints, so turning it on or off reruns nothing.
+    report_to: list[str] = field(
+        default=None,
+        metadata={
+            "help": "trackers of every stage with numbers (wandb): decode/annotate statistics, win rates, the "
+            "alignment curve and sample completions, plus the Trainer's own logs; off by default"
+        },
+    )
+    run_name: str = field(
+        default=None,
+        metadata={"help": "the tracker group of this run (wandb group; default: the output_dir folder's name)"},
+    )
 
     def stage_command(self, args_field: str) -> str:
         """The `mnpo` command that a `<stage>_args` field's flags go to."""

@@ -41,6 +41,7 @@ from mnpo.pipeline.config import PipelineConfig, extra_flags
 from mnpo.pipeline.guard import GRACE_S
 from mnpo.pipeline.manifest import Manifest, Stage, library_versions, run_lock
 from mnpo.progress import format_seconds
+from mnpo.tracking import log_stage, stage_env, tracking_settings, trainer_flags
 
 logger = logging.getLogger(__name__)
 # What the user watches: one line when a stage starts (with the run's elapsed time), its progress lines
@@ -178,6 +179,7 @@ class Pipeline:
         self.paths = self._resolve_paths()
         self.kinds: dict[str, str] = {}
         self._auto_backend: str | None = None
+        self.tracking = tracking_settings(config.report_to, config.run_name, config.output_dir, not config.dry_run)
 
     # --- configuration ---------------------------------------------------------------------------
     def _resolve_paths(self) -> Paths:
@@ -274,15 +276,18 @@ class Pipeline:
         """A stage that runs `mnpo <command> <args> --output_dir <partial>`.
 
         `run_flags` go on the command line before `args` (so a flag in `args` overrides them) but not
-        into the stage's fingerprint: they must not change the stage's result.
+        into the stage's fingerprint: they must not change the stage's result. The tracker flags of a Trainer
+        stage go after `args` (the run's `report_to` wins over a `report_to: none` in train_args) and stay out
+        of the fingerprint too.
         """
         params = {"command": command, "args": args}
+        tracker_flags = trainer_flags(self.tracking, name) if command in ("train-mnpo", "train-egpo") else []
 
         def run(partial: Path) -> None:
             if kind == DECODE:
                 self._exec_decode(name, args + ["--output_dir", str(partial)])
             else:
-                self._exec(name, kind, command, [*run_flags, *args, "--output_dir", str(partial)])
+                self._exec(name, kind, command, [*run_flags, *args, *tracker_flags, "--output_dir", str(partial)])
             if after is not None:
                 after(partial)
 
@@ -336,6 +341,7 @@ class Pipeline:
         # One OpenMP thread per process unless the user chose otherwise (landscape.md: straggling).
         env.setdefault("OMP_NUM_THREADS", "1")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env.update(stage_env(self.tracking))  # a Trainer stage's tracker run joins the run's group
         return env
 
     def plan(self) -> list[Stage]:
@@ -807,8 +813,11 @@ class Pipeline:
                 stage = next(s for s in self.plan() if s.name == stage.name)
             started = time.time()
             ran = self.manifest.run(dataclasses.replace(stage, run=self._announced(stage, run_started)))
-            status = f"done in {time.time() - started:.1f} s" if ran else "up to date"
+            seconds = time.time() - started
+            status = f"done in {seconds:.1f} s" if ran else "up to date"
             announce.info("%-28s %s (run elapsed %s)", stage.name, status, format_seconds(time.time() - run_started))
+            if ran and "command" in stage.params:
+                self._track(stage, seconds)
         last = self.out / f"iter{c.num_iterations}" / "report"
         if c.stage is None:
             announce.info("outputs: %s", self.out)
@@ -816,6 +825,19 @@ class Pipeline:
             announce.info("report: %s (plots in %s)", self.out / "REPORT.md", last)
             if (last / "alignment_curve.png").is_file():
                 announce.info("alignment curve: %s", last / "alignment_curve.png")
+
+    def _track(self, stage: Stage, seconds: float) -> None:
+        """Log a finished stage's numbers to the run's trackers. A tracker failure (a network hiccup) is a
+        warning, not a stop: the stage's results are on disk and recorded."""
+        try:
+            if log_stage(self.tracking, stage.name, stage.params["command"], stage.output, seconds):
+                announce.info("%-28s logged to %s (group %s)", stage.name, ", ".join(self.tracking.report_to),
+                              self.tracking.group)  # fmt: skip
+        except MnpoError:
+            raise
+        except Exception as exc:
+            announce.warning("%-28s not logged to %s: %s: %s", stage.name, ", ".join(self.tracking.report_to),
+                             type(exc).__name__, exc)  # fmt: skip
 
     def _announced(self, stage: Stage, run_started: float):
         """`stage.run`, preceded by a line saying which stage starts, what it runs and where it logs. Called only

@@ -47,6 +47,7 @@ def _planned(run_dir: Path, manifest: Manifest) -> list[tuple[str, str]]:
         config = parse_config(PipelineConfig, ["--config", config_file, "--output_dir", str(run_dir)])
         # Stage names and folders do not depend on the decode backend; "auto" would probe for vLLM.
         config.decode_backend = "hf"
+        config.report_to = None  # nor do they depend on tracking, whose extra may not be installed here
         return [(s.name, str(s.output)) for s in Pipeline(config).plan()]
     except (MnpoError, SystemExit):
         return []
