@@ -99,3 +99,22 @@ def test_simulate_reports_its_iterations(tmp_path, caplog, monkeypatch):
 @pytest.mark.parametrize("seconds, text", [(7.2, "7s"), (125, "2m05s"), (3723, "1h02m03s"), (float("inf"), "?")])
 def test_format_seconds(seconds, text):
     assert format_seconds(seconds) == text
+
+
+def test_disable_tqdm_also_silences_mnpo_progress(tmp_path, monkeypatch):
+    """`--disable_tqdm true` of a TrainingArguments command turns off mnpo's own progress in that process (and
+    the processes it starts, through MNPO_PROGRESS)."""
+    import mnpo.cli as cli
+    from mnpo.progress import progress_enabled
+
+    seen = []
+    real_load = cli._load
+    handler = cli.COMMANDS["train-mnpo"].handler
+    monkeypatch.setattr(
+        cli, "_load", lambda ref: (lambda config: seen.append(progress_enabled())) if ref == handler else real_load(ref)
+    )
+    argv = ["train-mnpo", "--model_name_or_path", "m", "--dataset", "d", "--output_dir", str(tmp_path / "out")]
+    monkeypatch.setenv("MNPO_PROGRESS", "1")
+    assert cli.main(argv) == 0
+    assert cli.main([*argv, "--disable_tqdm", "true"]) == 0
+    assert seen == [True, False]
