@@ -68,7 +68,8 @@ COMMANDS: dict[str, Command] = {
     "pipeline": Command(
         "mnpo.pipeline.config:PipelineConfig",
         "mnpo.pipeline.runner:run_pipeline",
-        "run the whole iterative pipeline (split, decode, annotate, precompute, train, evaluate) with stage-level resume",
+        "run the whole iterative pipeline (split, decode, annotate, precompute, train, evaluate) with stage-level "
+        "resume; `mnpo pipeline status DIR` shows a run's stages",
     ),
     "evaluate": Command(
         "mnpo.evaluation.config:EvaluateConfig",
@@ -217,8 +218,10 @@ def _try_import(name: str):
 def _pipeline_status(argv: list[str], debug: bool) -> int:
     """`mnpo pipeline status DIR`: the run's stages from its manifest; starts nothing."""
     if len(argv) != 1 or argv[0].startswith("-"):
-        print("usage: mnpo pipeline status OUTPUT_DIR  (the output_dir of a pipeline run)", file=sys.stderr)
-        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+        asked = argv[:1] in (["-h"], ["--help"])
+        usage = "usage: mnpo pipeline status OUTPUT_DIR  (the output_dir of a pipeline run; starts nothing)"
+        print(usage, file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
     from mnpo.pipeline.status import format_status, stage_states
 
     try:

@@ -120,3 +120,10 @@ def test_a_running_stage_progress_is_forwarded_from_its_log(tmp_path, capsys, mo
     forwarded = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[pipeline] iter2/decode")]
     assert len(forwarded) == 3, forwarded
     assert forwarded[-1].startswith("[pipeline] iter2/decode: decode: 3/3 prompt (100.0%")
+
+
+def test_status_usage(capsys):
+    assert main(["pipeline", "status", "--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: mnpo pipeline status OUTPUT_DIR")
+    assert main(["pipeline", "status"]) == 2
+    assert "usage: mnpo pipeline status" in capsys.readouterr().err
