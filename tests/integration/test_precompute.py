@@ -224,4 +224,6 @@ def test_zero3_launch_equals_one_process(world, precomputed, tmp_path):
     config.write_text(ZERO3_CPU_ACCELERATE_CONFIG)
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
     log = _launch_and_compare(launcher, world, precomputed, tmp_path / "zero3")
-    assert log.count("ZeRO-3 inference engine") == 2 * 3  # 2 ranks x 3 models
+    # 3 models, logged by rank 0 only: the other ranks log at WARNING (mnpo.cli.configure_logging), and
+    # their engines are proven by the log-probs equal to the 1-process run's.
+    assert log.count("ZeRO-3 inference engine") == 3
