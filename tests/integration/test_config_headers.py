@@ -95,10 +95,7 @@ def _parse_only_reason(path: Path, line: str, argv: list[str]) -> str | None:
 
 # Headers known to be wrong in files this test cannot fix, with what is wrong. strict: once fixed, the
 # test fails until the entry is removed.
-KNOWN_BROKEN = {
-    "configs/pipeline/toy.yaml#2": "`--mode egpo` with toy.yaml's train_args, which hold train-mnpo's max_length "
-    "and max_prompt_length (train-egpo has neither); use configs/pipeline/toy-egpo.yaml",
-}
+KNOWN_BROKEN: dict[str, str] = {}
 
 
 def _cases():
