@@ -7,6 +7,8 @@ Output folder (--output_dir DIR):
                               preference_matrix {pm: K x K P(row > column)}, win_rates {model: [...]}
     DIR/pairs.jsonl           pairs labelled by --label_with (training schema), with the labelling model's
                               per-response win rates: all_win_rates, chosen_win_rate, rejected_win_rate
+    DIR/trl_pairs.jsonl       the same pairs in TRL's conversational format (prompt, chosen, rejected as
+                              message lists), ready for trl.DPOTrainer
     DIR/pairs_by_model/<model>.jsonl   with several models: the pairs each model would pick (HT-MNPO)
     DIR/stats.json            counts: skipped records, truncated inputs, non-finite scores, dropped pairs
     DIR/annotate_config.yaml  the resolved config
@@ -29,6 +31,7 @@ from mnpo.generation.shards import ShardStore, derive_seed, fingerprint, model_f
 from mnpo.progress import Progress
 
 logger = logging.getLogger(__name__)
+TRL_PAIRS_FILE = "trl_pairs.jsonl"
 
 DATASET_SCORES = "dataset"  # scorer name of the input's own all_rm_scores (re-select without a model)
 
@@ -405,6 +408,7 @@ def annotate(config: AnnotateConfig) -> Path | None:
     """Score this process's shards with every model; merge and select pairs once all shards are done."""
     from mnpo.annotation.pairs import bradley_terry_win_rates
     from mnpo.config import save_config
+    from mnpo.data.formats import trl_pair
     from mnpo.io import load_records, write_json, write_jsonl
 
     out = Path(config.output_dir)
@@ -506,6 +510,9 @@ def annotate(config: AnnotateConfig) -> Path | None:
             write_jsonl(out / "pairs_by_model" / f"{name}.jsonl", pairs)
         if name == label_with:
             write_jsonl(out / "pairs.jsonl", pairs)
+            # The same pairs in TRL's conversational preference format: load_dataset("json", ...) of this
+            # file goes straight into trl.DPOTrainer (pairs.jsonl keeps mnpo's schema, a contract).
+            write_jsonl(out / TRL_PAIRS_FILE, (trl_pair(p) for p in pairs))
     stats["label_with"] = label_with
     write_json(out / "stats.json", stats)
     save_config(config, out, "annotate_config.yaml")

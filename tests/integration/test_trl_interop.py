@@ -130,6 +130,12 @@ def test_annotate_pairs_train_trl_dpo_trainer(toy_world, tmp_path):
     assert isinstance(first[C.PROMPT], str) and first[C.CHOSEN][-1]["role"] == "assistant"
     dataset = to_trl_pairs(pairs)
     assert len(dataset) == len(prompts)
+    # annotate also writes them in TRL's format: the file loads straight into DPOTrainer.
+    from datasets import load_dataset
+
+    written = load_dataset("json", data_files=str(out / "trl_pairs.jsonl"), split="train")
+    assert written.to_list() == dataset.to_list()
+    dataset = written
     for row, source in zip(dataset, (json.loads(line) for line in pairs.read_text().splitlines())):
         assert is_conversational(row)
         assert row["prompt"] == [{"role": "user", "content": source[C.PROMPT]}]
