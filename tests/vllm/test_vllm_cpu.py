@@ -246,3 +246,17 @@ def test_pipeline_decodes_with_vllm_through_decode_python(vllm_python, toy_world
     manifest = json.loads((out / "manifest.json").read_text())
     assert all(stage["status"] == "done" for stage in manifest["stages"].values())
     assert any(name.endswith("/train") for name in manifest["stages"])
+
+
+def test_train_egpo_colocated_vllm_samples_from_the_synced_weights(vllm_python, toy_world, tmp_path):
+    """train-egpo's colocated sampler needs vLLM in the training process, so the whole check runs in the
+    vLLM environment (trl, accelerate, peft and datasets are installed there for it): see colocate_check.py."""
+    done = subprocess.run(
+        [vllm_python, str(Path(__file__).with_name("colocate_check.py")), str(toy_world), str(tmp_path / "egpo")],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=REPO,
+        timeout=600,
+    )
+    assert done.returncode == 0 and done.stdout.strip().endswith("OK"), done.stdout[-2000:] + done.stderr[-4000:]
