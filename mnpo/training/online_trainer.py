@@ -104,7 +104,9 @@ class VLLMColocateGenerator:
     mixture samplers always use HF generate.
     """
 
-    def __init__(self, model_path: str, gpu_memory_utilization: float, dtype: str, seed: int):
+    def __init__(
+        self, model_path: str, gpu_memory_utilization: float, dtype: str, seed: int, enforce_eager: bool = False
+    ):
         import os
 
         # Weight sync reaches the model through the engine's in-process worker, which exists only
@@ -118,6 +120,7 @@ class VLLMColocateGenerator:
             dtype=dtype,
             seed=seed,
             enable_prefix_caching=True,
+            enforce_eager=enforce_eager,  # no CUDA graphs / torch.compile: a faster start for short runs
         )
         self.synced_version = -1
 

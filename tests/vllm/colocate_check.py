@@ -33,7 +33,7 @@ def check_weight_sync(world: str) -> None:
     policy = os.path.join(world, "policy")
     tok = AutoTokenizer.from_pretrained(policy)
     model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32)
-    gen = VLLMColocateGenerator(policy, gpu_memory_utilization=0.9, dtype="float32", seed=0)
+    gen = VLLMColocateGenerator(policy, gpu_memory_utilization=0.9, dtype="float32", seed=0, enforce_eager=True)
     prompts = [encode_prompt(tok, p) for p in ("Tell me about cats.", "Describe the river.", "What is tea?")]
     sampler = SamplerSettings(1.0, 0, 1.0, 0.0, 0.0)
     eos = tok.eos_token_id
