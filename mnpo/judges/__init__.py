@@ -19,7 +19,7 @@ def parse_judge_spec(spec: str) -> tuple[str, str]:
     if "=" not in spec:
         raise ValueError(
             f"judge '{spec}' must be KIND=PATH_OR_URL with KIND one of {', '.join(JUDGE_TYPES)}, "
-            "e.g. oracle=outputs/toy-run/world or reward=models/rm"
+            "e.g. oracle=outputs/toy-world or reward=models/rm"
         )
     kind, target = spec.split("=", 1)
     if kind not in JUDGE_TYPES:
