@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from mnpo.config import parse_config
-from mnpo.training.online_config import OnlineConfig
-from mnpo.training.online_trainer import build_trainer
+from mnpo.online.config import OnlineConfig
+from mnpo.online.trainer import build_trainer
 
 
 def measure(

@@ -30,7 +30,7 @@ def main() -> None:
 
     from mnpo.io import load_records
     from mnpo.judges import load_judge
-    from mnpo.training.online_trainer import win_rate
+    from mnpo.online.trainer import win_rate
 
     world = Path(args.world)
     prompts = [r["prompt"] for r in load_records(world / "data" / "prompts", "test")][: args.prompts]

@@ -355,7 +355,7 @@ def part_llama(work: Path, dry: bool) -> dict:
            "memory": _memory_kind()}  # fmt: skip
 
     # 1. mnpo precompute (the CLI, in this process), timed around its scoring call.
-    import mnpo.training.precompute as pre_mod
+    import mnpo.offline.precompute as pre_mod
 
     scored = {}
     original = pre_mod.score_sequences

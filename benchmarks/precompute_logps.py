@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/precompute_logps.py --vocab 131072 --rows 64 --out benchmarks/results_mnpo.md
 
 The reference approach ("naive"): padded batches in dataset order, the full (B, T, V) logits and a
-float32 log_softmax over every position, then a gather. Ours: `mnpo.training.precompute.score_sequences`
+float32 log_softmax over every position, then a gather. Ours: `mnpo.offline.precompute.score_sequences`
 (length-sorted batches, LM head + log-softmax only at completion positions, in chunks). A tiny Llama
 with a large vocabulary makes the LM head dominate, as it does for 128k-256k-vocab models.
 Each method runs in its own subprocess; peak memory is the rise of the process's peak RSS (VmHWM,
@@ -70,7 +70,7 @@ def _worker(args) -> dict:
                 mask = b["completion_mask"][:, 1:].float()
                 values += ((per_token * mask).sum(-1) / mask.sum(-1)).tolist()
     else:
-        from mnpo.training.precompute import score_sequences
+        from mnpo.offline.precompute import score_sequences
 
         out = score_sequences(
             model, prompts, completions, pad_token_id=0, batch_size=args.batch_size, reduction="mean",

@@ -145,8 +145,8 @@ def run_mnpo(policy: Path, pre: Path, args, out: Path) -> list[float]:
     from transformers import AutoTokenizer
 
     from mnpo.config import parse_config
-    from mnpo.training.mnpo_config import MNPOConfig
-    from mnpo.training.mnpo_trainer import MNPOTrainer, _load_model, count_history_columns, prepare_dataset
+    from mnpo.offline.config import MNPOConfig
+    from mnpo.offline.trainer import MNPOTrainer, _load_model, count_history_columns, prepare_dataset
 
     config = parse_config(MNPOConfig, [
         "--model_name_or_path", str(policy), "--dataset", str(pre), "--output_dir", str(out), "--eta", str(args.eta),
@@ -185,7 +185,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from mnpo.config import parse_config
-    from mnpo.training.precompute import PrecomputeConfig, precompute_logps
+    from mnpo.offline.precompute import PrecomputeConfig, precompute_logps
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

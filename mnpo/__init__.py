@@ -16,9 +16,9 @@ __version__ = "0.1.0"
 
 # Public name -> module that defines it, imported when the name is first read.
 _LAZY = {
-    "MNPOConfig": "mnpo.training.mnpo_config",
-    "MNPOTrainer": "mnpo.training.mnpo_trainer",
-    "OnlineConfig": "mnpo.training.online_config",
+    "MNPOConfig": "mnpo.offline.config",
+    "MNPOTrainer": "mnpo.offline.trainer",
+    "OnlineConfig": "mnpo.online.config",
     "to_trl_pairs": "mnpo.data.formats",
     "to_mnpo_pairs": "mnpo.data.formats",
 }
@@ -26,9 +26,9 @@ __all__ = ["MNPOConfig", "MNPOTrainer", "OnlineConfig", "__version__", "to_mnpo_
 
 if TYPE_CHECKING:  # for type checkers and IDEs; never run
     from mnpo.data.formats import to_mnpo_pairs, to_trl_pairs
-    from mnpo.training.mnpo_config import MNPOConfig
-    from mnpo.training.mnpo_trainer import MNPOTrainer
-    from mnpo.training.online_config import OnlineConfig
+    from mnpo.offline.config import MNPOConfig
+    from mnpo.offline.trainer import MNPOTrainer
+    from mnpo.online.config import OnlineConfig
 
 
 def __getattr__(name: str) -> Any:

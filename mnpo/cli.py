@@ -41,18 +41,18 @@ COMMANDS: dict[str, Command] = {
         "shard a preference or prompt dataset into N disjoint parts, one per iteration",
     ),
     "train-sft": Command(
-        "mnpo.training.sft:SFTRunConfig",
-        "mnpo.training.sft:train_sft",
+        "mnpo.supervised.sft:SFTRunConfig",
+        "mnpo.supervised.sft:train_sft",
         "supervised fine-tuning of a reference policy on chat data",
     ),
     "train-rm": Command(
-        "mnpo.training.reward_model:RMRunConfig",
-        "mnpo.training.reward_model:train_reward_model",
+        "mnpo.supervised.reward_model:RMRunConfig",
+        "mnpo.supervised.reward_model:train_reward_model",
         "train a scalar Bradley-Terry reward model on preference pairs",
     ),
     "train-pm": Command(
-        "mnpo.training.preference_model:PMRunConfig",
-        "mnpo.training.preference_model:train_preference_model",
+        "mnpo.supervised.preference_model:PMRunConfig",
+        "mnpo.supervised.preference_model:train_preference_model",
         "train a pairwise preference model (2-class classifier over prompt + two responses)",
     ),
     "decode": Command(
@@ -77,8 +77,8 @@ COMMANDS: dict[str, Command] = {
         "win rate of models against a baseline on held-out prompts (judges, bootstrap CIs, alignment curve)",
     ),
     "train-egpo": Command(
-        "mnpo.training.online_config:OnlineConfig",
-        "mnpo.training.online_trainer:train_egpo",
+        "mnpo.online.config:OnlineConfig",
+        "mnpo.online.trainer:train_egpo",
         "online NLHF training: EGPO, Online IPO 1/2, Nash-MD, Nash-MD-PG (--alg eg|oipo1|oipo2|nmd|nmdpg)",
     ),
     "serve-judge": Command(
@@ -92,13 +92,13 @@ COMMANDS: dict[str, Command] = {
         "tabular / neural preference games: duality gap of OIPO1/2, Nash-MD(-PG), EGPO, MNPO",
     ),
     "precompute": Command(
-        "mnpo.training.precompute:PrecomputeConfig",
-        "mnpo.training.precompute:precompute",
+        "mnpo.offline.precompute:PrecomputeConfig",
+        "mnpo.offline.precompute:precompute",
         "add reference and history (opponent) log-probs of chosen/rejected to a preference dataset",
     ),
     "train-mnpo": Command(
-        "mnpo.training.mnpo_config:MNPOConfig",
-        "mnpo.training.mnpo_trainer:train_mnpo",
+        "mnpo.offline.config:MNPOConfig",
+        "mnpo.offline.trainer:train_mnpo",
         "train one MNPO iteration (TD-MNPO / HT-MNPO) from precomputed opponent log-probs",
     ),
 }

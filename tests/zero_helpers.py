@@ -12,8 +12,8 @@ ZERO_EG_WORKER = """
 import json, sys, torch, torch.distributed as dist
 from mnpo.config import parse_config
 from mnpo.training.extragradient import optimizer_chain
-from mnpo.training.online_config import OnlineConfig
-from mnpo.training.online_trainer import build_trainer
+from mnpo.online.config import OnlineConfig
+from mnpo.online.trainer import build_trainer
 
 cfg = parse_config(OnlineConfig, sys.argv[1:])
 trainer = build_trainer(cfg)

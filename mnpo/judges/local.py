@@ -53,7 +53,7 @@ class PairwisePreferenceJudge(Judge):
         """`judge`, plus per pair whether either order's text was truncated (so the model may not have
         seen all of both responses). Scored exactly as `mnpo train-pm` trained the model: the text's
         end is kept, since the classifier pools the last token."""
-        from mnpo.training.preference_model import preference_probabilities_with_truncation
+        from mnpo.supervised.preference_model import preference_probabilities_with_truncation
 
         check_judge_inputs(prompts, pairs)
         firsts, seconds = [a for a, _ in pairs], [b for _, b in pairs]

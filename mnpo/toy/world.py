@@ -225,9 +225,9 @@ def _build(cfg: ToyConfig, root: Path) -> None:
     from mnpo.data.columns import PROMPT, PROMPT_ID
     from mnpo.io import write_json, write_jsonl
     from mnpo.toy.tokenizer import train_tokenizer
-    from mnpo.training.preference_model import PMRunConfig, preference_probabilities, train_preference_model
-    from mnpo.training.reward_model import RMRunConfig, score_responses, train_reward_model
-    from mnpo.training.sft import SFTRunConfig, train_sft
+    from mnpo.supervised.preference_model import PMRunConfig, preference_probabilities, train_preference_model
+    from mnpo.supervised.reward_model import RMRunConfig, score_responses, train_reward_model
+    from mnpo.supervised.sft import SFTRunConfig, train_sft
 
     t_start = time.perf_counter()
     torch.set_num_threads(cfg.num_threads)

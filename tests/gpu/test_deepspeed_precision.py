@@ -45,7 +45,7 @@ def test_precompute_bf16_on_cuda_is_close_to_float32(toy_world, tmp_path):
     from datasets import load_from_disk
 
     from mnpo.config import parse_config
-    from mnpo.training.precompute import PrecomputeConfig, precompute_logps
+    from mnpo.offline.precompute import PrecomputeConfig, precompute_logps
 
     rows = (toy_world / "data" / "preferences" / "train.jsonl").read_text().splitlines()[:64]
     pairs = tmp_path / "pairs.jsonl"

@@ -187,7 +187,7 @@ def test_preference_model_matrix_uses_both_orders(world):
     record = {"prompt_id": "x", "prompt": PROMPTS[0], "all_generated_responses": RESPONSES[0][:3]}
     (row,) = _score_chunk("pm", judge, [record])
     a, b = RESPONSES[0][0], RESPONSES[0][1]
-    from mnpo.training.preference_model import pair_class0_probabilities
+    from mnpo.supervised.preference_model import pair_class0_probabilities
 
     (p_ab, p_ba), _ = pair_class0_probabilities(
         judge.model, judge.tokenizer, judge.template, [PROMPTS[0]] * 2, [a, b], [b, a]

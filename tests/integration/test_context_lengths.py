@@ -51,7 +51,7 @@ def test_decode_skips_and_counts_prompts_that_do_not_fit(policy, tmp_path):
 
 def test_precompute_lengths_default_to_the_context(policy, tmp_path):
     from mnpo.config import parse_config
-    from mnpo.training.precompute import PrecomputeConfig, precompute_logps
+    from mnpo.offline.precompute import PrecomputeConfig, precompute_logps
 
     rows = [
         {"prompt": p, "chosen": C.chat_pair(p, "four"), "rejected": C.chat_pair(p, "the cat")}
@@ -62,8 +62,8 @@ def test_precompute_lengths_default_to_the_context(policy, tmp_path):
     meta = json.loads((Path(out) / "precompute.json").read_text())
     assert (meta["max_length"], meta["max_prompt_length"]) == (CONTEXT, CONTEXT * 1800 // 2048)  # not 2048 / 1800
     # train-mnpo resolves the same defaults from the same context, so it accepts the precompute as is.
-    from mnpo.training.mnpo_config import MNPOConfig
-    from mnpo.training.mnpo_trainer import train_mnpo
+    from mnpo.offline.config import MNPOConfig
+    from mnpo.offline.trainer import train_mnpo
 
     argv_train = ["--model_name_or_path", str(policy), "--dataset", str(out), "--output_dir", str(tmp_path / "m")]
     config = parse_config(MNPOConfig, [*argv_train, "--max_steps", "1", "--report_to", "none", "--use_cpu", "true"])
@@ -90,8 +90,8 @@ def test_evaluate_prompt_budget_fits_the_context(policy):
 
 def test_egpo_prompt_budget_fits_the_context(policy, tmp_path):
     from mnpo.config import parse_config
-    from mnpo.training.online_config import OnlineConfig
-    from mnpo.training.online_trainer import build_trainer
+    from mnpo.online.config import OnlineConfig
+    from mnpo.online.trainer import build_trainer
 
     data = _jsonl(tmp_path / "prompts.jsonl", [{"prompt": "what is two plus two"}])
     argv = ["--model_name_or_path", str(policy), "--dataset_name", str(data), "--judge_type", "oracle"]
@@ -105,9 +105,9 @@ def test_egpo_prompt_budget_fits_the_context(policy, tmp_path):
 @pytest.mark.parametrize(
     "command",
     [
-        ("mnpo.training.preference_model:PMRunConfig", "mnpo.training.preference_model:train_preference_model"),
-        ("mnpo.training.reward_model:RMRunConfig", "mnpo.training.reward_model:train_reward_model"),
-        ("mnpo.training.sft:SFTRunConfig", "mnpo.training.sft:train_sft"),
+        ("mnpo.supervised.preference_model:PMRunConfig", "mnpo.supervised.preference_model:train_preference_model"),
+        ("mnpo.supervised.reward_model:RMRunConfig", "mnpo.supervised.reward_model:train_reward_model"),
+        ("mnpo.supervised.sft:SFTRunConfig", "mnpo.supervised.sft:train_sft"),
     ],
     ids=["train-pm", "train-rm", "train-sft"],
 )

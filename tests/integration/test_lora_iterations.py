@@ -93,7 +93,7 @@ def test_lora_output_is_the_merged_trained_policy(world, tmp_path, monkeypatch):
     """The saved output_dir is a plain full model whose logits equal the in-memory trained PeftModel's."""
     from transformers import AutoModelForCausalLM
 
-    import mnpo.training.mnpo_trainer as mt
+    import mnpo.offline.trainer as mt
     from mnpo.cli import main
 
     trained = []
@@ -173,8 +173,8 @@ def test_train_egpo_from_an_adapter_folder_saves_the_merged_trained_policy(toy_w
     from transformers import AutoModelForCausalLM
 
     from mnpo.config import parse_config
-    from mnpo.training.online_config import OnlineConfig
-    from mnpo.training.online_trainer import train_egpo
+    from mnpo.online.config import OnlineConfig
+    from mnpo.online.trainer import train_egpo
 
     torch.manual_seed(2)
     given = get_peft_model(
@@ -248,7 +248,7 @@ def test_precompute_cache_key_follows_an_adapters_base(world, tmp_path):
     """The precompute cache must not reuse an adapter's log-probs after its base model changed."""
     import shutil
 
-    from mnpo.training.precompute import model_fingerprint
+    from mnpo.offline.precompute import model_fingerprint
 
     base = shutil.copytree(world["policy"], tmp_path / "base")
     adapter = shutil.copytree(world["adapter"], tmp_path / "adapter")

@@ -138,7 +138,7 @@ def test_every_stage_reading_pairs_refuses_one_that_disagrees_with_its_prompt(po
 
 
 def test_precompute_refuses_to_write_a_non_finite_log_prob(policy, tmp_path, monkeypatch):
-    from mnpo.training import precompute
+    from mnpo.offline import precompute
 
     real = precompute.score_sequences
 

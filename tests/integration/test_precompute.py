@@ -37,7 +37,7 @@ def world(tmp_path_factory):
 
 def _config(world, out, *extra):
     from mnpo.config import parse_config
-    from mnpo.training.precompute import PrecomputeConfig
+    from mnpo.offline.precompute import PrecomputeConfig
 
     argv = ["--dataset", str(world["pairs"]), "--ref_model", str(world["ref"]), "--output_dir", str(out)]
     argv += ["--history_paths", str(world["h0"]), str(world["h1"]), "--per_device_batch_size", "4", *LENGTHS, *extra]
@@ -46,7 +46,7 @@ def _config(world, out, *extra):
 
 @pytest.fixture(scope="module")
 def precomputed(world):
-    from mnpo.training.precompute import precompute_logps
+    from mnpo.offline.precompute import precompute_logps
 
     out = world["root"] / "pre"
     precompute_logps(_config(world, out, "--logprob_chunk_size", "5"))
@@ -85,8 +85,8 @@ def test_trainer_logps_equal_precomputed(world, precomputed, tmp_path):
     from mnpo.config import parse_config
     from mnpo.data.collators import MNPOCollator
     from mnpo.training.logprobs import per_token_logps, reduce_logps
-    from mnpo.training.mnpo_config import MNPOConfig
-    from mnpo.training.mnpo_trainer import count_history_columns, prepare_dataset
+    from mnpo.offline.config import MNPOConfig
+    from mnpo.offline.trainer import count_history_columns, prepare_dataset
 
     config = parse_config(
         MNPOConfig,
@@ -134,7 +134,7 @@ def test_rerun_reuses_finished_models(world, precomputed, tmp_path, monkeypatch)
 
     from datasets import load_from_disk
 
-    import mnpo.training.precompute as P
+    import mnpo.offline.precompute as P
 
     out = tmp_path / "pre"
     shutil.copytree(precomputed / P.CACHE_DIR, out / P.CACHE_DIR)  # as if killed after the last model
@@ -151,7 +151,7 @@ def test_rerun_reuses_finished_models(world, precomputed, tmp_path, monkeypatch)
 def test_sum_reduction_is_mean_times_length(world, precomputed, tmp_path):
     from datasets import load_from_disk
 
-    from mnpo.training.precompute import precompute_logps
+    from mnpo.offline.precompute import precompute_logps
 
     out = tmp_path / "sum"
     precompute_logps(_config(world, out, "--logp_reduction", "sum"))
@@ -163,7 +163,7 @@ def test_sum_reduction_is_mean_times_length(world, precomputed, tmp_path):
 
 
 def test_bad_rows_are_named(world, tmp_path):
-    from mnpo.training.precompute import precompute_logps
+    from mnpo.offline.precompute import precompute_logps
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "x", "chosen": [{"role": "user", "content": "x"}], "rejected": "y"}) + "\n")

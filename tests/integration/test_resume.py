@@ -56,7 +56,7 @@ def _assert_same_weights(a: Path, b: Path) -> None:
 @pytest.fixture(scope="module")
 def mnpo_world(tmp_path_factory) -> dict[str, Path]:
     from mnpo.config import parse_config
-    from mnpo.training.precompute import PrecomputeConfig, precompute_logps
+    from mnpo.offline.precompute import PrecomputeConfig, precompute_logps
 
     root = tmp_path_factory.mktemp("resume_mnpo")
     policy = build_tiny_policy(root / "policy", 0)

@@ -110,8 +110,8 @@ def test_reward_and_preference_models_agree_with_oracle(toy_world: Path):
 
     from mnpo.data.chat import load_pair_template, response_of
     from mnpo.io import read_jsonl
-    from mnpo.training.preference_model import preference_probabilities
-    from mnpo.training.reward_model import score_responses
+    from mnpo.supervised.preference_model import preference_probabilities
+    from mnpo.supervised.reward_model import score_responses
 
     rows = read_jsonl(toy_world / "data" / "oracle_pairs" / "test.jsonl")
     oracle = ToyOracle()

@@ -14,7 +14,7 @@ import torch
 from zero_helpers import ZERO_EG_WORKER, zero_config
 
 from mnpo.config import parse_config
-from mnpo.training.online_config import ALGORITHMS, OnlineConfig
+from mnpo.online.config import ALGORITHMS, OnlineConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "egpo"
 
@@ -108,7 +108,7 @@ def _initial_params(world: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 @pytest.mark.parametrize("alg", ALGORITHMS)
 def test_each_algorithm_trains_from_its_recipe(world, tmp_path, alg):
-    from mnpo.training.online_trainer import train_egpo
+    from mnpo.online.trainer import train_egpo
 
     before = _initial_params(world)
     trainer = train_egpo(_config(world, alg, tmp_path / "run"))
@@ -136,7 +136,7 @@ def test_each_algorithm_trains_from_its_recipe(world, tmp_path, alg):
 def test_egpo_full_step_starts_from_restored_theta_t(world, tmp_path):
     """Inside one EGPO update the full-step loss is computed at exactly the parameters and optimiser
     state of the half step's start (bit for bit), while the samples came from theta_{t+1/2}."""
-    from mnpo.training.online_trainer import build_trainer
+    from mnpo.online.trainer import build_trainer
 
     cfg = _config(world, "eg", tmp_path / "run", "--max_steps", "2")
     trainer = build_trainer(cfg)
@@ -172,7 +172,7 @@ def test_egpo_full_step_starts_from_restored_theta_t(world, tmp_path):
 
 @pytest.mark.slow
 def test_egpo_with_lora_reference_is_adapters_disabled(world, tmp_path):
-    from mnpo.training.online_trainer import train_egpo
+    from mnpo.online.trainer import train_egpo
 
     trainer = train_egpo(_config(world, "eg", tmp_path / "run", "--use_peft", "true", "--lora_r", "2"))
     model = trainer.model
@@ -223,7 +223,7 @@ def test_cli_runs_train_egpo_and_resolves_yaml_below_flags(world, tmp_path):
 def test_resumed_run_ends_where_the_uninterrupted_run_ends(world, tmp_path):
     """Kill-and-rerun safety: 2 steps + checkpoint, then a rerun to 3 steps resumes from the checkpoint
     and ends with bit-identical weights to a straight 3-step run (samples are seeded by step)."""
-    from mnpo.training.online_trainer import train_egpo
+    from mnpo.online.trainer import train_egpo
 
     common = ("--max_steps", "3", "--save_strategy", "steps", "--save_steps", "2")
     straight = train_egpo(_config(world, "eg", tmp_path / "straight", *common))
@@ -240,7 +240,7 @@ def test_resumed_run_ends_where_the_uninterrupted_run_ends(world, tmp_path):
 def test_vllm_colocated_generation_trains_and_syncs_weights(world, tmp_path):
     """GPU only: the vLLM backend samples, the trainer updates, and vLLM gets the new weights."""
     pytest.importorskip("vllm")
-    from mnpo.training.online_trainer import train_egpo
+    from mnpo.online.trainer import train_egpo
 
     cfg = _config(
         world, "oipo2", tmp_path / "run", "--generation_backend", "vllm", "--vllm_gpu_memory_utilization", "0.2"
@@ -271,7 +271,7 @@ def test_per_alg_sampler_defaults_and_validation():
 
 
 def test_prefix_ends_follow_the_spec():
-    from mnpo.training.online_trainer import prefix_ends
+    from mnpo.online.trainer import prefix_ends
 
     assert prefix_ends(10, 1) == [10]
     assert prefix_ends(10, 2) == [8, 10]  # floor(10/2) + k * ceil(5/2)
@@ -281,8 +281,8 @@ def test_prefix_ends_follow_the_spec():
 DDP_WORKER = """
 import sys, torch, torch.distributed as dist
 from mnpo.config import parse_config
-from mnpo.training.online_config import OnlineConfig
-from mnpo.training.online_trainer import train_egpo
+from mnpo.online.config import OnlineConfig
+from mnpo.online.trainer import train_egpo
 
 cfg = parse_config(OnlineConfig, sys.argv[1:])
 trainer = train_egpo(cfg)

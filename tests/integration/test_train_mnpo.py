@@ -19,7 +19,7 @@ LENGTHS = ["--max_length", "48", "--max_prompt_length", "24"]
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     from mnpo.config import parse_config
-    from mnpo.training.precompute import PrecomputeConfig, precompute_logps
+    from mnpo.offline.precompute import PrecomputeConfig, precompute_logps
 
     root = tmp_path_factory.mktemp("train_mnpo")
     policy, opponent = build_tiny_policy(root / "policy", 0), build_tiny_policy(root / "opponent", 1)
@@ -47,7 +47,7 @@ def world(tmp_path_factory):
 
 def _config(world, out, *extra):
     from mnpo.config import parse_config
-    from mnpo.training.mnpo_config import MNPOConfig
+    from mnpo.offline.config import MNPOConfig
 
     argv = ["--model_name_or_path", str(world["policy"]), "--dataset", str(world["pre"]), "--output_dir", str(out),
             "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--warmup_steps", "0",
@@ -59,7 +59,7 @@ def _config(world, out, *extra):
 def _trainer(config):
     from transformers import AutoTokenizer
 
-    from mnpo.training.mnpo_trainer import MNPOTrainer, _load_model, count_history_columns, prepare_dataset
+    from mnpo.offline.trainer import MNPOTrainer, _load_model, count_history_columns, prepare_dataset
 
     tokenizer = AutoTokenizer.from_pretrained(config.model_name_or_path)
     ds = prepare_dataset(config, tokenizer)
@@ -151,8 +151,8 @@ def test_missing_precompute_is_a_clear_error(world, tmp_path, capsys):
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "mnpo").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_parse(path, tmp_path):
     from mnpo.config import parse_config
-    from mnpo.training.mnpo_config import MNPOConfig
-    from mnpo.training.precompute import PrecomputeConfig
+    from mnpo.offline.config import MNPOConfig
+    from mnpo.offline.precompute import PrecomputeConfig
 
     if path.name.startswith("precompute"):
         config = parse_config(

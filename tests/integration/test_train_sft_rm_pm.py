@@ -49,7 +49,7 @@ def test_train_sft_cli(toy_world: Path, tmp_path: Path):
 def test_sft_loss_is_on_the_reply_only(toy_world: Path):
     from transformers import AutoTokenizer
 
-    from mnpo.training.sft import tokenize_sft_rows
+    from mnpo.supervised.sft import tokenize_sft_rows
 
     tok = AutoTokenizer.from_pretrained(toy_world / "policy")
     rows = [
@@ -148,9 +148,9 @@ def test_missing_required_field_is_a_clean_error(capsys):
 
 
 def _recipes():
-    from mnpo.training.preference_model import PMRunConfig
-    from mnpo.training.reward_model import RMRunConfig
-    from mnpo.training.sft import SFTRunConfig
+    from mnpo.supervised.preference_model import PMRunConfig
+    from mnpo.supervised.reward_model import RMRunConfig
+    from mnpo.supervised.sft import SFTRunConfig
 
     classes = {"train-sft": SFTRunConfig, "train-rm": RMRunConfig, "train-pm": PMRunConfig}
     out = [(p, classes[p.parent.name]) for name in classes for p in sorted((REPO / "configs" / name).glob("*.yaml"))]

@@ -281,8 +281,8 @@ LORA_FLAGS = ["--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8", "--lor
 
 def _mnpo_and_egpo_configs(*flags: str):
     from mnpo.config import parse_config
-    from mnpo.training.mnpo_config import MNPOConfig
-    from mnpo.training.online_config import OnlineConfig
+    from mnpo.offline.config import MNPOConfig
+    from mnpo.online.config import OnlineConfig
 
     common = ["--model_name_or_path", "m", "--dataset", "d", "--output_dir", "o", *CPU, *flags]
     return parse_config(MNPOConfig, common), parse_config(OnlineConfig, [*common, "--judge_name_or_path", "j"])
@@ -321,8 +321,8 @@ def test_model_revision_reaches_from_pretrained(tiny, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     from mnpo.config import parse_config
-    from mnpo.training.mnpo_config import MNPOConfig
-    from mnpo.training.mnpo_trainer import _load_model
+    from mnpo.offline.config import MNPOConfig
+    from mnpo.offline.trainer import _load_model
 
     seen = {}
     real = AutoModelForCausalLM.from_pretrained
@@ -342,7 +342,7 @@ def test_card_metadata_names_hub_ids_only(tiny, tmp_path):
 
     from mnpo.config import parse_config
     from mnpo.models import model_card
-    from mnpo.training.mnpo_config import MNPOConfig
+    from mnpo.offline.config import MNPOConfig
 
     def card(model, dataset, output_dir):
         argv = ["--model_name_or_path", model, "--dataset", dataset, "--output_dir", str(output_dir), *CPU]
@@ -365,8 +365,8 @@ def test_train_egpo_passes_model_revision_to_the_policy_not_to_another_reference
     from transformers import AutoModelForCausalLM
 
     from mnpo.config import parse_config
-    from mnpo.training.online_config import OnlineConfig
-    from mnpo.training.online_trainer import _load_kwargs
+    from mnpo.online.config import OnlineConfig
+    from mnpo.online.trainer import _load_kwargs
 
     argv = ["--model_name_or_path", str(tiny["policy"]), "--dataset_name", "d", "--judge_type", "oracle"]
     argv += ["--judge_name_or_path", "toy", "--output_dir", "o", *CPU, "--model_revision", "v1.0"]

@@ -45,8 +45,8 @@ def _mnpo_first_loss(world, tmp_path: Path, loss_type: str, reduction: str, *fla
 
     from mnpo.cli import main
     from mnpo.config import model_context, parse_config, resolve_pair_lengths
-    from mnpo.training.mnpo_config import MNPOConfig
-    from mnpo.training.mnpo_trainer import MNPOTrainer, _load_model, prepare_dataset
+    from mnpo.offline.config import MNPOConfig
+    from mnpo.offline.trainer import MNPOTrainer, _load_model, prepare_dataset
 
     pre = tmp_path / f"pre-{loss_type}-{reduction}"
     models = (

@@ -103,7 +103,7 @@ def test_an_alias_never_shadows_a_field_of_that_name():
 @pytest.mark.parametrize("command", ["train-sft", "train-rm", "train-pm"])
 def test_sft_rm_pm_take_dtype_like_the_other_trainers(command):
     from mnpo.errors import MnpoError
-    from mnpo.training.sft import model_init_kwargs
+    from mnpo.supervised.sft import model_init_kwargs
 
     argv = ["--model_name_or_path", "m", "--dataset", "d", "--output_dir", "o", "--use_cpu", "true"]
     assert model_init_kwargs(_parse(command, argv))["dtype"] == "float32"  # unchanged default

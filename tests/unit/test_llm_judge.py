@@ -110,7 +110,7 @@ def test_annotate_and_train_egpo_take_the_same_judge_syntax():
     from mnpo.annotation.annotate import AnnotateConfig, scorer_specs
     from mnpo.errors import MnpoError
     from mnpo.judges import JUDGE_TYPES
-    from mnpo.training.online_config import OnlineConfig
+    from mnpo.online.config import OnlineConfig
 
     config = AnnotateConfig(
         dataset="d.jsonl", output_dir="out", judge="llm=http://127.0.0.1:8000/v1#org/judge", judge_name="gpt"

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import torch
 
-from mnpo.training.online_trainer import OnlineNLHFTrainer, Rollout, prefix_masks
+from mnpo.online.trainer import OnlineNLHFTrainer, Rollout, prefix_masks
 
 PAD, EOS = 0, 99
 

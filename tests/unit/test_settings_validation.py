@@ -7,13 +7,13 @@ import yaml
 from tiny_models import build_tiny_policy
 
 from mnpo.config import ConfigError, parse_config
-from mnpo.training.online_config import OnlineConfig
+from mnpo.online.config import OnlineConfig
 
 EGPO = ["--model_name_or_path", "m", "--dataset_name", "d", "--judge_type", "oracle", "--judge_name_or_path", "toy"]
 
 
 def test_egpo_double_epochs_is_a_no_op_and_the_saved_config_reruns_the_same_run(tmp_path, monkeypatch):
-    import mnpo.training.online_trainer as online
+    import mnpo.online.trainer as online
 
     class Stop(Exception):
         pass
@@ -49,17 +49,17 @@ def _cls(ref: str):
 
 DECODE = ("mnpo.generation.decode:DecodeConfig", ["--dataset", "d", "--model_name_or_path", "m", "--output_dir", "o"])
 ANNOTATE = ("mnpo.annotation.annotate:AnnotateConfig", ["--dataset", "d", "--output_dir", "o"])
-PRECOMPUTE = ("mnpo.training.precompute:PrecomputeConfig", ["--dataset", "d", "--ref_model", "m", "--output_dir", "o"])
-MNPO = ("mnpo.training.mnpo_config:MNPOConfig", ["--model_name_or_path", "m", "--dataset", "d", "--output_dir", "o"])
-ONLINE = ("mnpo.training.online_config:OnlineConfig", [*EGPO, "--output_dir", "o"])
+PRECOMPUTE = ("mnpo.offline.precompute:PrecomputeConfig", ["--dataset", "d", "--ref_model", "m", "--output_dir", "o"])
+MNPO = ("mnpo.offline.config:MNPOConfig", ["--model_name_or_path", "m", "--dataset", "d", "--output_dir", "o"])
+ONLINE = ("mnpo.online.config:OnlineConfig", [*EGPO, "--output_dir", "o"])
 EVALUATE = (
     "mnpo.evaluation.config:EvaluateConfig",
     ["--models", "m", "--baseline", "b", "--prompts", "p", "--judges", "oracle=toy", "--output_dir", "o"],
 )
-SFT = ("mnpo.training.sft:SFTRunConfig", ["--model_name_or_path", "m", "--dataset", "d", "--output_dir", "o"])
-RM = ("mnpo.training.reward_model:RMRunConfig", ["--model_name_or_path", "m", "--dataset", "d", "--output_dir", "o"])
+SFT = ("mnpo.supervised.sft:SFTRunConfig", ["--model_name_or_path", "m", "--dataset", "d", "--output_dir", "o"])
+RM = ("mnpo.supervised.reward_model:RMRunConfig", ["--model_name_or_path", "m", "--dataset", "d", "--output_dir", "o"])
 PM = (
-    "mnpo.training.preference_model:PMRunConfig",
+    "mnpo.supervised.preference_model:PMRunConfig",
     ["--model_name_or_path", "m", "--dataset", "d", "--output_dir", "o"],
 )
 

@@ -28,7 +28,7 @@ def check_weight_sync(world: str) -> None:
 
     from mnpo.data.chat import encode_prompt
     from mnpo.generation.mixture import SamplerSettings
-    from mnpo.training.online_trainer import VLLMColocateGenerator
+    from mnpo.online.trainer import VLLMColocateGenerator
 
     policy = os.path.join(world, "policy")
     tok = AutoTokenizer.from_pretrained(policy)
@@ -75,8 +75,8 @@ def check_weight_sync(world: str) -> None:
 
 def check_train_egpo(world: str, out: str) -> None:
     from mnpo.config import parse_config
-    from mnpo.training.online_config import OnlineConfig
-    from mnpo.training.online_trainer import train_egpo
+    from mnpo.online.config import OnlineConfig
+    from mnpo.online.trainer import train_egpo
 
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     cfg = parse_config(

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 from trl import RewardConfig
 
 from mnpo.errors import MnpoError, check_model_path
-from mnpo.training.sft import ModelDtypeArguments, load_tokenizer, model_init_kwargs, resolve_bf16, save_model_dir
+from mnpo.supervised.sft import ModelDtypeArguments, load_tokenizer, model_init_kwargs, resolve_bf16, save_model_dir
 
 logger = logging.getLogger(__name__)
 

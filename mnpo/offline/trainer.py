@@ -35,7 +35,7 @@ from mnpo.data.collators import (
 from mnpo.errors import MnpoError, check_model_path, check_vocab
 from mnpo.training.logprobs import per_token_logps, reduce_logps
 from mnpo.training.losses import dno_loss, dpo_loss, inpo_loss, ipo_loss, mnpo_loss, simpo_loss, sppo_loss
-from mnpo.training.mnpo_config import MNPOConfig
+from mnpo.offline.config import MNPOConfig
 from mnpo.training.nonfinite import NonFiniteGuard
 
 logger = logging.getLogger(__name__)
@@ -305,7 +305,7 @@ def _check_win_rates(ds: Any, source: str) -> None:
 
 def _check_precompute_metadata(config: MNPOConfig, tokenizer: Any, source: str) -> None:
     """Refuse stored ids/log-probs made with another tokenisation or reduction than this run's."""
-    from mnpo.training.precompute import METADATA_FILE
+    from mnpo.offline.precompute import METADATA_FILE
 
     meta_path = Path(source) / METADATA_FILE
     if not meta_path.is_file():

@@ -20,8 +20,8 @@ from typing import Any, ClassVar
 from transformers import TrainingArguments
 
 from mnpo.errors import MnpoError, check_model_path
-from mnpo.training.reward_model import load_sequence_classifier, pair_rows
-from mnpo.training.sft import ModelDtypeArguments, load_tokenizer, model_init_kwargs, resolve_bf16, save_model_dir
+from mnpo.supervised.reward_model import load_sequence_classifier, pair_rows
+from mnpo.supervised.sft import ModelDtypeArguments, load_tokenizer, model_init_kwargs, resolve_bf16, save_model_dir
 
 logger = logging.getLogger(__name__)
 
