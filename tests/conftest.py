@@ -38,9 +38,7 @@ _REPO = Path(__file__).resolve().parent.parent
 # Everything whose change changes the built artifacts: a new hash means a fresh build.
 _TOY_SOURCES = [
     *sorted((_REPO / "mnpo" / "toy").glob("*.py")),
-    _REPO / "mnpo" / "training" / "sft.py",
-    _REPO / "mnpo" / "training" / "reward_model.py",
-    _REPO / "mnpo" / "training" / "preference_model.py",
+    *sorted((_REPO / "mnpo" / "supervised").glob("*.py")),
     _REPO / "mnpo" / "data" / "chat.py",
 ]
 
