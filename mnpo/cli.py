@@ -16,97 +16,10 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
-from dataclasses import dataclass
 
+from mnpo.commands import COMMANDS, load
 from mnpo.distributed import shutdown
 from mnpo.errors import MnpoError, check_output_dir
-
-
-@dataclass(frozen=True)
-class Command:
-    config: str  # "module:ConfigClass"
-    handler: str  # "module:function", called with the config instance
-    help: str
-
-
-COMMANDS: dict[str, Command] = {
-    "toy": Command(
-        "mnpo.toy.config:ToyConfig",
-        "mnpo.toy.world:build_toy_world",
-        "build the offline toy world (tokenizer, policy, oracle, reward and preference models, data)",
-    ),
-    "split": Command(
-        "mnpo.data.split:SplitConfig",
-        "mnpo.data.split:split_dataset",
-        "shard a preference or prompt dataset into N disjoint parts, one per iteration",
-    ),
-    "train-sft": Command(
-        "mnpo.supervised.sft:SFTRunConfig",
-        "mnpo.supervised.sft:train_sft",
-        "supervised fine-tuning of a reference policy on chat data",
-    ),
-    "train-rm": Command(
-        "mnpo.supervised.reward_model:RMRunConfig",
-        "mnpo.supervised.reward_model:train_reward_model",
-        "train a scalar Bradley-Terry reward model on preference pairs",
-    ),
-    "train-pm": Command(
-        "mnpo.supervised.preference_model:PMRunConfig",
-        "mnpo.supervised.preference_model:train_preference_model",
-        "train a pairwise preference model (2-class classifier over prompt + two responses)",
-    ),
-    "decode": Command(
-        "mnpo.generation.decode:DecodeConfig",
-        "mnpo.generation.decode:decode",
-        "sample K responses per prompt from a policy (hf or vllm backend), sharded and resumable",
-    ),
-    "annotate": Command(
-        "mnpo.annotation.annotate:AnnotateConfig",
-        "mnpo.annotation.annotate:annotate",
-        "score responses with reward / preference models and build chosen-rejected pairs",
-    ),
-    "pipeline": Command(
-        "mnpo.pipeline.config:PipelineConfig",
-        "mnpo.pipeline.runner:run_pipeline",
-        "run the whole iterative pipeline (split, decode, annotate, precompute, train, evaluate) with stage-level "
-        "resume; `mnpo pipeline status DIR` shows a run's stages",
-    ),
-    "evaluate": Command(
-        "mnpo.evaluation.config:EvaluateConfig",
-        "mnpo.evaluation.evaluate:evaluate",
-        "win rate of models against a baseline on held-out prompts (judges, bootstrap CIs, alignment curve)",
-    ),
-    "train-egpo": Command(
-        "mnpo.online.config:OnlineConfig",
-        "mnpo.online.trainer:train_egpo",
-        "online NLHF training: EGPO, Online IPO 1/2, Nash-MD, Nash-MD-PG (--alg eg|oipo1|oipo2|nmd|nmdpg)",
-    ),
-    "serve-judge": Command(
-        "mnpo.judges.config:ServeJudgeConfig",
-        "mnpo.judges.server:serve_judge",
-        "HTTP server hosting a judge model (micro-batched) for many training ranks",
-    ),
-    "simulate": Command(
-        "mnpo.simulation.config:SimulateConfig",
-        "mnpo.simulation.run:simulate",
-        "tabular / neural preference games: duality gap of OIPO1/2, Nash-MD(-PG), EGPO, MNPO",
-    ),
-    "precompute": Command(
-        "mnpo.offline.precompute:PrecomputeConfig",
-        "mnpo.offline.precompute:precompute",
-        "add reference and history (opponent) log-probs of chosen/rejected to a preference dataset",
-    ),
-    "train-mnpo": Command(
-        "mnpo.offline.config:MNPOConfig",
-        "mnpo.offline.trainer:train_mnpo",
-        "train one MNPO iteration (TD-MNPO / HT-MNPO) from precomputed opponent log-probs",
-    ),
-}
-
-
-def _load(ref: str):
-    module, attr = ref.split(":")
-    return getattr(importlib.import_module(module), attr)
 
 
 def _usage() -> str:
@@ -162,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
     set_invocation(["mnpo", name, *rest])  # the command as typed, for the model card of a training run
     try:
-        config = parse_config(_load(command.config), rest, prog=f"mnpo {name}")
+        config = parse_config(load(command.config), rest, prog=f"mnpo {name}")
         # Before the stage writes anything: a file or a read-only folder here would otherwise fail
         # half-way, after minutes of loading and decoding.
         check_output_dir(getattr(config, "output_dir", None))
@@ -171,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             from mnpo.progress import PROGRESS_ENV
 
             os.environ[PROGRESS_ENV] = "0"
-        _load(command.handler)(config)
+        load(command.handler)(config)
     except MnpoError as exc:
         return _report(name, f"{exc}", exc, debug, 2)
     except SystemExit as exc:  # argparse --help (0), or a library's sys.exit(n)

@@ -51,10 +51,10 @@ STAGE_COMMANDS = {
 def _stage_options(command: str) -> frozenset[str]:
     """Every flag `mnpo <command>` takes (aliases included). Imports that command's config class, the one
     heavy import here, and only when a pipeline passes it extra flags."""
-    from mnpo.cli import COMMANDS, _load
+    from mnpo.commands import COMMANDS, load
     from mnpo.config import _make_parser
 
-    return frozenset(_make_parser(_load(COMMANDS[command].config), None)._option_string_actions)
+    return frozenset(_make_parser(load(COMMANDS[command].config), None)._option_string_actions)
 
 
 def check_stage_flags(argv: list[str], args_field: str, command: str) -> None:

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from mnpo.cli import COMMANDS, _load, main
+from mnpo.cli import main
+from mnpo.commands import COMMANDS
+from mnpo.commands import load as _load
 
 REPO = Path(__file__).resolve().parents[2]
 _STARTS = ("mnpo ", "accelerate launch", "torchrun", "CUDA_VISIBLE_DEVICES=")

@@ -403,7 +403,7 @@ def test_gemma_recipe_dry_run_prints_commands_that_parse(tmp_path, capsys):
     pi_{t-1}, pi_{t-2} (TD-MNPO)."""
     import shlex
 
-    from mnpo.cli import COMMANDS, _load
+    from mnpo.commands import COMMANDS, load
 
     cfg = parse_config(
         PipelineConfig,
@@ -418,7 +418,7 @@ def test_gemma_recipe_dry_run_prints_commands_that_parse(tmp_path, capsys):
     for argv in commands:
         i = argv.index("mnpo.cli")
         name, args = argv[i + 1], argv[i + 2 :]
-        parse_config(_load(COMMANDS[name].config), args)
+        parse_config(load(COMMANDS[name].config), args)
         by_command.setdefault(name, []).append(argv)
     assert [len(by_command[c]) for c in ("split", "decode", "annotate", "precompute", "train-mnpo", "evaluate")] == [
         1, 2, 2, 3, 3, 3,

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from mnpo.cli import COMMANDS, _load, main
+from mnpo.cli import main
+from mnpo.commands import COMMANDS, load
 from mnpo.config import parse_config
 from mnpo.data import columns as C
 from mnpo.io import read_jsonl, write_jsonl
@@ -65,8 +66,8 @@ def test_dry_run_passes_the_loss_type_and_its_opponents_to_every_stage(tmp_path,
         assert ("--tau" in train) == (loss_type in ("ipo", "inpo"))
         assert ("--eta" in train) == (loss_type in ("inpo", "sppo"))
         # Every printed command is a valid command line of its stage.
-        parse_config(_load(COMMANDS["precompute"].config), pre + ["--output_dir", "x"])
-        parse_config(_load(COMMANDS["train-mnpo"].config), train + ["--output_dir", "x"])
+        parse_config(load(COMMANDS["precompute"].config), pre + ["--output_dir", "x"])
+        parse_config(load(COMMANDS["train-mnpo"].config), train + ["--output_dir", "x"])
     if loss_type == "sppo":  # iteration 1 is annotated too: its pairs carry the win rates
         assert len(commands["annotate"]) == 3
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mnpo.cli import COMMANDS, _load, main
+from mnpo.cli import main
+from mnpo.commands import COMMANDS, load
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -60,7 +61,7 @@ def test_config_yaml_parses_into_its_dataclass(path):
     from mnpo.config import _field_actions, _make_parser, parse_config
 
     name = _command_of(path)
-    cls = _load(COMMANDS[name].config)
+    cls = load(COMMANDS[name].config)
     data = yaml.safe_load(path.read_text()) or {}
     argv = ["--config", str(path)]
     # Required fields a recipe leaves to the command line (paths) get a stand-in value.

@@ -5,7 +5,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from mnpo.cli import COMMANDS, _load
+from mnpo.commands import COMMANDS
+from mnpo.commands import load as _load
 from mnpo.config import ConfigError, parse_config
 
 

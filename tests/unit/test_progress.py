@@ -108,10 +108,10 @@ def test_disable_tqdm_also_silences_mnpo_progress(tmp_path, monkeypatch):
     from mnpo.progress import progress_enabled
 
     seen = []
-    real_load = cli._load
+    real_load = cli.load
     handler = cli.COMMANDS["train-mnpo"].handler
     monkeypatch.setattr(
-        cli, "_load", lambda ref: (lambda config: seen.append(progress_enabled())) if ref == handler else real_load(ref)
+        cli, "load", lambda ref: (lambda config: seen.append(progress_enabled())) if ref == handler else real_load(ref)
     )
     argv = ["train-mnpo", "--model_name_or_path", "m", "--dataset", "d", "--output_dir", str(tmp_path / "out")]
     monkeypatch.setenv("MNPO_PROGRESS", "1")
