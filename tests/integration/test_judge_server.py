@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,6 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -361,6 +363,18 @@ SLOW_ORACLE = textwrap.dedent(
 )
 
 
+def served_url(proc: subprocess.Popen, log: Path, timeout: float = 60) -> str:
+    """The address in the server's log line 'serving KIND judge at URL ...' (with --port 0 the port is
+    picked at start), or '' if the process exits or the line does not come in time."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        match = re.search(r"serving \S+ judge at (http://\S+)", log.read_text())
+        if match:
+            return match.group(1)
+        time.sleep(0.05)
+    return ""
+
+
 def test_sigterm_answers_the_request_in_flight_then_exits_0(tmp_path):
     (tmp_path / "slow_oracle.py").write_text(SLOW_ORACLE)
     judging = tmp_path / "judging"
@@ -371,8 +385,9 @@ def test_sigterm_answers_the_request_in_flight_then_exits_0(tmp_path):
     }
     command = [sys.executable, "-m", "mnpo.cli", "serve-judge", "--judge_type", "oracle"]
     command += ["--model_name_or_path", "slow_oracle:SlowOracle", "--port", "0"]
-    with open(tmp_path / "server.log", "w") as log:
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+    server_log = tmp_path / "server.log"
+    with open(server_log, "w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
     watchdog = threading.Timer(120, proc.kill)  # nothing below can hang the test
     watchdog.start()
     answer = {}
@@ -384,8 +399,8 @@ def test_sigterm_answers_the_request_in_flight_then_exits_0(tmp_path):
             answer["got"] = exc
 
     try:
-        url = proc.stdout.readline().split(" at ")[-1].strip()
-        assert url.startswith("http://127.0.0.1:"), (tmp_path / "server.log").read_text()
+        url = served_url(proc, server_log)
+        assert url.startswith("http://127.0.0.1:"), server_log.read_text()
         thread = threading.Thread(target=client, args=(url,))
         thread.start()
         deadline = time.monotonic() + 60

@@ -99,7 +99,6 @@ HF_GENERATE_KEYWORDS = {"generation_config", "do_sample", "max_new_tokens", "log
 # --- today's offenders (issue 12 removes them; each entry names its file) ---------------------------
 LONG_MODULES_ALLOWED = {
     "mnpo/annotation/annotate.py",
-    "mnpo/judges/server.py",
     "mnpo/offline/precompute.py",
     "mnpo/offline/trainer.py",
     "mnpo/online/trainer.py",
