@@ -23,7 +23,9 @@ class ServeJudgeConfig:
     host: str = field(
         default="127.0.0.1", metadata={"help": "address to bind; 0.0.0.0 exposes the server to the network"}
     )
-    port: int = field(default=8000, metadata={"help": "port to bind; 0 picks a free one (printed at start)"})
+    port: int = field(
+        default=8000, metadata={"help": "port to bind; 0 picks a free one (the address is logged at start)"}
+    )
     token: str = field(
         default=None, metadata={"help": "if set, requests need 'Authorization: Bearer TOKEN' (or env MNPO_JUDGE_TOKEN)"}
     )
