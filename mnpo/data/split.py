@@ -6,7 +6,6 @@ near-equal parts, so parts are disjoint, cover every row, and are byte-identical
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from dataclasses import dataclass, field
@@ -87,5 +86,4 @@ def split_dataset(config: SplitConfig) -> dict:
     write_json(out / "manifest.json", manifest)
     save_config(config, out, "split_config.yaml")
     logger.info("wrote %s", out / "manifest.json")
-    print(json.dumps({s: [p["num_rows"] for p in i["parts"]] for s, i in manifest["splits"].items()}))
     return manifest

@@ -230,6 +230,8 @@ def simulate(config: SimulateConfig) -> dict:
     write_json(out_dir / "results.json", results)
     if config.plot:
         plot_gaps(out_dir / "gap.png", results, plot_title(config))
-    print(format_table(results, config.converged_threshold))
+    logger.info(
+        "duality gaps after %d iterations:\n%s", config.iterations, format_table(results, config.converged_threshold)
+    )
     logger.info("wrote %s", out_dir)
     return results

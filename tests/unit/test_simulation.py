@@ -4,6 +4,7 @@ the duality gap are known in closed form (algorithms.md section 3)."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -295,14 +296,15 @@ def test_bad_config_is_a_clear_error(argv, message):
         parse_config(SimulateConfig, argv)
 
 
-def test_cli_writes_results_plot_and_config_and_reruns_identically(tmp_path, capsys):
+def test_cli_writes_results_plot_and_config_and_reruns_identically(tmp_path, caplog):
     out = tmp_path / "sim"
     argv = ["simulate", "--preset", "tabular-beta0.1", "--runs", "3", "--iterations", "40", "--curve_points", "5"]
     argv += ["--mode", "sampled", "--num_samples", "8", "--output_dir", str(out)]
+    caplog.set_level(logging.INFO, logger="mnpo.simulation.run")
     assert main(argv) == 0
-    printed = capsys.readouterr().out
+    logged = caplog.text  # the table is logged, like every informational line of a stage
     for label in ("Online IPO 1 (OMD)", "Online IPO 2", "Nash-MD", "Nash-MD-PG", "EGPO", "MNPO (average)"):
-        assert label in printed
+        assert label in logged
     results = json.loads((out / "results.json").read_text())
     assert results["curve_iterations"] == [0, 10, 20, 30, 40]
     for name in ("oipo1", "oipo2", "nmd", "nmdpg", "egpo", "mnpo"):
