@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from mnpo.generation.sampling import generate_batch, stop_token_ids
+
 
 @dataclass(frozen=True)
 class SamplerSettings:
@@ -107,7 +109,7 @@ def generate_completions(
     generator_seed: int | None = None,
     stop_ids: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sample one completion per prompt with HF `generate`.
+    """Sample one completion per prompt from `sampler` (`sampling.generate_batch`).
 
     `stop_ids` end a completion (default: `stop_token_ids(model, tokenizer)`, the model's end-of-turn
     tokens as well as the tokenizer's EOS; mask the result with `completion_mask(ids, stop_ids)`).
@@ -115,42 +117,25 @@ def generate_completions(
     completion is everything generated, padded with `pad_token_id` after EOS (mask it with
     `completion_mask`).
     """
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    width = max(len(p) for p in prompt_ids)
-    input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
-    for i, ids in enumerate(prompt_ids):  # left padding: generation continues every row at the end
-        input_ids[i, width - len(ids) :] = torch.tensor(ids)
-        mask[i, width - len(ids) :] = 1
-    input_ids, mask = input_ids.to(device), mask.to(device)
-    processors = []
-    if sampler.mixture_coef > 0.0:
-        if ref_model is None:
-            raise ValueError("a geometric-mixture sampler needs the reference model")
-        processors.append(GeometricMixtureLogitsProcessor(ref_model, sampler.mixture_coef, mask))
-    from transformers import LogitsProcessorList
+    if sampler.mixture_coef > 0.0 and ref_model is None:
+        raise ValueError("a geometric-mixture sampler needs the reference model")
 
-    from mnpo.generation.sampling import sampling_config, stop_token_ids
+    def mixture(mask: torch.Tensor) -> list:  # the reference's first call needs the padded prompts' mask
+        return [GeometricMixtureLogitsProcessor(ref_model, sampler.mixture_coef, mask)]
 
-    config = sampling_config(
+    return generate_batch(
+        model,
+        prompt_ids,
         max_new_tokens=max_new_tokens,
-        pad_token_id=pad_id,
-        eos_token_id=stop_ids if stop_ids is not None else stop_token_ids(model, tokenizer),
+        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        stop_ids=stop_ids if stop_ids is not None else stop_token_ids(model, tokenizer),
         temperature=sampler.temperature,
         top_k=sampler.top_k,
         top_p=sampler.top_p,
         min_p=sampler.min_p,
+        logits_processors=mixture if sampler.mixture_coef > 0.0 else None,
+        seed=generator_seed,
     )
-    if generator_seed is not None:
-        torch.manual_seed(generator_seed)
-    out = model.generate(
-        input_ids=input_ids,
-        attention_mask=mask,
-        generation_config=config,
-        logits_processor=LogitsProcessorList(processors),
-    )
-    return input_ids, mask, out[:, width:]
 
 
 def completion_mask(completion_ids: torch.Tensor, eos_token_id: int | list[int] | None) -> torch.Tensor:
@@ -164,3 +149,11 @@ def completion_mask(completion_ids: torch.Tensor, eos_token_id: int | list[int] 
     # Number of EOS strictly before position t: 0 means t is still part of the completion.
     eos_before = is_eos.long().cumsum(-1) - is_eos.long()
     return (eos_before == 0).long()
+
+
+def completion_texts(tokenizer: Any, completion_ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
+    """The text of every row's masked tokens (`completion_mask`), special tokens dropped, whitespace stripped."""
+    return [
+        tokenizer.decode(row[: int(m.sum())].tolist(), skip_special_tokens=True).strip()
+        for row, m in zip(completion_ids, mask)
+    ]

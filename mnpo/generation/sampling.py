@@ -1,5 +1,5 @@
-"""The one complete `GenerationConfig` behind every HF `generate` call in mnpo (online samplers, geometric
-mixture, `mnpo decode`, `mnpo evaluate`).
+"""The one HF `generate` call in mnpo (`generate_batch`: online samplers, geometric mixture, `mnpo decode`,
+`mnpo evaluate`, the toy world's policy samples) and the complete `GenerationConfig` behind it.
 
 transformers' `generate` fills every field its config leaves unset (None) first from the model's own
 `generation_config.json` (a chat model's temperature 0.6 / top_p 0.9 / top_k 20 / repetition_penalty 1.05)
@@ -10,9 +10,11 @@ and the config refuses those fill-ins altogether: a field left None stays None, 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from transformers import GenerationConfig
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 
 class _CompleteGenerationConfig(GenerationConfig):
@@ -95,3 +97,61 @@ def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
     if tokenizer.eos_token_id is not None:
         eos.append(tokenizer.eos_token_id)
     return sorted(set(eos))
+
+
+def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (B, P) long: left padding, so generation continues every row at its end."""
+    width = max(len(p) for p in prompt_ids)
+    input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for i, ids in enumerate(prompt_ids):
+        input_ids[i, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        mask[i, width - len(ids) :] = 1
+    return input_ids, mask
+
+
+@torch.no_grad()
+def generate_batch(
+    model: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    pad_id: int,
+    stop_ids: int | list[int] | None,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    logits_processors: Callable[[torch.Tensor], list[LogitsProcessor]] | None = None,
+    seed: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample (temperature 0: decode greedily) one continuation of every prompt with HF `generate`.
+
+    `stop_ids` end a continuation (None: every row runs to `max_new_tokens`). `logits_processors`, given the
+    padded prompts' attention mask, returns processors that run before the sampling knobs (the geometric
+    mixture, decode's per-row seeded sampler). `seed` resets torch's global generator first; None continues
+    its stream (evaluate seeds once per model and samples its batches in turn).
+    Returns (prompt input_ids (B, P) left-padded, prompt mask (B, P), completion ids (B, C)) on the model's
+    device; a completion is padded with `pad_id` after its stop token.
+    """
+    device = next(model.parameters()).device
+    input_ids, mask = (t.to(device) for t in left_pad(prompt_ids, pad_id))
+    config = sampling_config(
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad_id,
+        eos_token_id=stop_ids,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+    )
+    processors = logits_processors(mask) if logits_processors is not None else []
+    if seed is not None:
+        torch.manual_seed(seed)
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=mask,
+        generation_config=config,
+        logits_processor=LogitsProcessorList(processors),
+    )
+    return input_ids, mask, out[:, input_ids.shape[1] :]
