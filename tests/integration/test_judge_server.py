@@ -326,10 +326,10 @@ def test_a_hundred_clients_connecting_at_once_all_get_answers():
     ids=["silent", "stalled-body"],
 )
 def test_idle_connections_are_closed(sent):
-    with JudgeServer(LengthJudge(), port=0, idle_timeout_s=0.3) as srv:
-        with socket.create_connection(srv.httpd.server_address[:2], timeout=10) as sock:
-            sock.sendall(sent)
-            assert sock.recv(1024) == b""  # closed by the server, long before our own 10 s timeout
+    srv = JudgeServer(LengthJudge(), port=0, idle_timeout_s=0.3)
+    with srv, socket.create_connection(srv.httpd.server_address[:2], timeout=10) as sock:
+        sock.sendall(sent)
+        assert sock.recv(1024) == b""  # closed by the server, long before our own 10 s timeout
 
 
 def test_health_shows_the_model_only_to_token_holders():
