@@ -41,7 +41,7 @@ def main() -> None:
     from mnpo.data.chat import encode_prompt
     from mnpo.generation.backend import SamplingSettings
     from mnpo.generation.hf_backend import HFBackend
-    from mnpo.generation.shards import derive_seed
+    from mnpo.data.shards import derive_seed
     from mnpo.io import read_jsonl
 
     torch.set_num_threads(1)

@@ -30,7 +30,7 @@ def measure(args: argparse.Namespace) -> dict:
     """Runs in the backend's own environment: load, warm up, time generate; returns the figures."""
     from mnpo.data.chat import encode_prompt
     from mnpo.generation.backend import SamplingSettings
-    from mnpo.generation.shards import derive_seed
+    from mnpo.data.shards import derive_seed
     from mnpo.io import read_jsonl
 
     world = Path(args.world)

@@ -178,6 +178,54 @@ def add_lora(model: Any, config: Any, base_name_or_path: str | Path):
     return model
 
 
+def policy_load_kwargs(config: Any, purpose: str, revision: bool = True) -> dict[str, Any]:
+    """from_pretrained kwargs of a trainer's policy: its `model_dtype` ("auto" by `purpose`, mnpo.runtime),
+    attention kernel and, with `revision`, its `model_revision` (False for another model, e.g. a reference)."""
+    from mnpo.runtime import resolve_dtype
+
+    kwargs = {"dtype": resolve_dtype(config.model_dtype, purpose), "attn_implementation": config.attn_implementation}
+    if revision and config.model_revision:
+        kwargs["revision"] = config.model_revision
+    return kwargs
+
+
+def load_policy(config: Any, purpose: str):
+    """The policy train-mnpo and train-egpo train: `config.model_name_or_path` loaded with
+    `policy_load_kwargs`, and with `config.use_peft` a fresh LoRA on top. An adapter folder comes back
+    merged, so full training and a new LoRA both start from pi_t."""
+    try:
+        model = load_causal_lm(config.model_name_or_path, **policy_load_kwargs(config, purpose))
+    except OSError as exc:
+        raise MnpoError(f"could not load the policy {config.model_name_or_path}: {exc}") from exc
+    if config.use_peft:
+        if config.gradient_checkpointing or getattr(config, "activation_checkpointing", False):
+            model.enable_input_require_grads()  # checkpointed LoRA needs grads flowing from the frozen embeddings
+        model = add_lora(model, config, config.model_name_or_path)
+    return model
+
+
+def model_fingerprint(name_or_path: str | Path) -> str:
+    """Cheap identity of a model for resume and cache keys: a Hub id is its own identity; a local folder's
+    is every file's name, size and mtime (hashing multi-GB weights on every rerun would cost minutes;
+    mtime catches weights retrained in place at the same size), and an adapter folder's includes its base's.
+    Hidden files (.cache/, pipeline markers) are left out."""
+    import hashlib
+
+    path = Path(name_or_path)
+    if not path.exists():
+        return hashlib.sha256(f"hub:{name_or_path}".encode()).hexdigest()
+    entries = []
+    for q in sorted(path.rglob("*")):
+        relative = q.relative_to(path)
+        if q.is_file() and not any(part.startswith(".") for part in relative.parts):
+            stat = q.stat()
+            entries.append(f"{relative}:{stat.st_size}:{stat.st_mtime_ns}")
+    base = adapter_base(path)
+    if base is not None:
+        entries.append(f"base:{model_fingerprint(base)}")
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()
+
+
 def save_trained_policy(trainer: Any, output_dir: str | Path, use_peft: bool, save_adapter: bool, **load_kwargs):
     """Save the trained policy as a full model in output_dir (what the next iteration and every stage load).
 

@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mnpo.data import columns as C
+from mnpo.data.shards import ShardStore, derive_seed, fingerprint, prompt_id_of, resolve_process_shard
 from mnpo.errors import MnpoError, check_judge_path, check_model_path
-from mnpo.generation.shards import ShardStore, derive_seed, fingerprint, model_fingerprint, resolve_process_shard
+from mnpo.models import model_fingerprint
 from mnpo.progress import Progress
+from mnpo.runtime import INFERENCE, dtype_help
 
 logger = logging.getLogger(__name__)
 TRL_PAIRS_FILE = "trl_pairs.jsonl"
@@ -94,7 +96,7 @@ class AnnotateConfig:
         },
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = field(
-        default="auto", metadata={"help": "model dtype; auto = bf16 on GPU, fp32 on CPU"}
+        default="auto", metadata={"help": dtype_help("model dtype", INFERENCE)}
     )
     device: str | None = field(default=None, metadata={"help": "torch device (default cuda:$LOCAL_RANK or cpu)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow custom model code (e.g. ArmoRM heads)"})
@@ -167,7 +169,6 @@ def validate_records(rows: list[dict[str, Any]], source: str, need_dataset_score
     """(records to score, skip counts). Malformed records are errors naming the record; records that
     cannot give a pair (no or one response) are counted skips."""
     from mnpo.data.chat import as_messages
-    from mnpo.generation.decode import prompt_id_of
 
     records, skipped = [], {"empty_responses": 0, "single_response": 0}
     for i, row in enumerate(rows, start=1):  # row numbers count from 1, as a JSONL file's lines do
@@ -216,12 +217,6 @@ def validate_records(rows: list[dict[str, Any]], source: str, need_dataset_score
             record[C.ALL_RM_SCORES] = scores
         records.append(record)
     return records, skipped
-
-
-def _torch_dtype(dtype: str, device: str):
-    from mnpo.generation.hf_backend import resolve_dtype
-
-    return resolve_dtype(dtype, device)
 
 
 def _text_key(text: str) -> str:
@@ -318,10 +313,10 @@ def _score_chunk(
 
 
 def _load_scorer(kind: str, path: str, config: AnnotateConfig):
-    from mnpo.generation.hf_backend import default_device
+    from mnpo.runtime import default_device, resolve_dtype
 
     device = default_device(config.device)
-    dtype = _torch_dtype(config.dtype, device)
+    dtype = resolve_dtype(config.dtype, INFERENCE, device)
     if kind == "rm":
         from mnpo.annotation.reward_model import RewardModelScorer
 

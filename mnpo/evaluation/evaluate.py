@@ -67,11 +67,12 @@ def generate_responses(model_path: str, prompts: list[Any], config: EvaluateConf
     from mnpo.data.chat import encode_prompt
     from mnpo.generation.sampling import sampling_config, stop_token_ids
     from mnpo.models import load_causal_lm, load_tokenizer
+    from mnpo.runtime import INFERENCE, default_device, resolve_dtype
 
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(default_device(config.device))
     try:
         tokenizer = load_tokenizer(model_path)  # an adapter folder: its base's tokenizer unless it has one
-        model = load_causal_lm(model_path, dtype=getattr(torch, config.dtype)).to(device).eval()
+        model = load_causal_lm(model_path, dtype=resolve_dtype(config.dtype, INFERENCE, device)).to(device).eval()
     except (OSError, ValueError) as exc:
         raise MnpoError(f"cannot load model '{model_path}' for evaluation: {exc}") from exc
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -152,7 +152,7 @@ def generate_chat(
     seeds (vLLM) gives the same sample for a prompt whatever the concurrency; temperature 0 is greedy.
     """
     from mnpo.data.chat import as_messages
-    from mnpo.generation.shards import derive_seed
+    from mnpo.data.shards import derive_seed
 
     requests = [
         {

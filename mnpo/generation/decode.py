@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mnpo.data import columns as C
+from mnpo.data.shards import ShardStore, derive_seed, fingerprint, prompt_id_of, resolve_process_shard
 from mnpo.errors import MnpoError, check_model_path
-from mnpo.generation.shards import ShardStore, derive_seed, fingerprint, model_fingerprint, resolve_process_shard
+from mnpo.models import model_fingerprint
+from mnpo.runtime import INFERENCE, dtype_help
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +77,8 @@ class DecodeConfig:
         default=False, metadata={"help": "discard shards of an earlier run with other settings in output_dir"}
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = field(
-        default="auto", metadata={"help": "model dtype; auto = bf16 on GPU, fp32 on CPU (hf)"}
+        default="auto",
+        metadata={"help": dtype_help("model dtype (hf backend; vllm reads auto its own way)", INFERENCE)},
     )
     device: str | None = field(
         default=None, metadata={"help": "hf backend: torch device (default cuda:$LOCAL_RANK or cpu)"}
@@ -121,12 +124,6 @@ def _check_text(value: Any, where: str) -> None:
             text.encode("utf-8")
         except (UnicodeEncodeError, AttributeError) as exc:
             raise MnpoError(f"{where}: text is not valid UTF-8 ({exc}); clean or re-encode the input") from exc
-
-
-def prompt_id_of(row: dict[str, Any], prompt: Any) -> str:
-    if row.get(C.PROMPT_ID) is not None:
-        return str(row[C.PROMPT_ID])
-    return fingerprint(prompt)[:16]  # content-derived, so the same prompt keeps its id across stages
 
 
 def extract_prompts(rows: list[dict[str, Any]], column: str, source: str) -> list[tuple[str, Any]]:

@@ -4,32 +4,17 @@ per-sample seeds so a prompt's responses do not depend on what else is in its ba
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from mnpo.data.shards import derive_seed
 from mnpo.generation.backend import Completion, SamplingSettings
 from mnpo.generation.sampling import sampling_config, stop_token_ids
-from mnpo.generation.shards import derive_seed
 from mnpo.models import load_causal_lm, load_tokenizer
+from mnpo.runtime import INFERENCE, default_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
-
-
-def default_device(device: str | None) -> str:
-    if device:
-        return device
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return "cpu"
-
-
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    """`auto` is bf16 on GPU and fp32 on CPU (bf16 matmuls are slow or unsupported on many CPUs)."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
 
 
 class SeededSampler(LogitsProcessor):
@@ -82,7 +67,7 @@ class HFBackend:
         self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code)
         self.model = load_causal_lm(
             model_name_or_path,
-            dtype=resolve_dtype(dtype, self.device),
+            dtype=resolve_dtype(dtype, INFERENCE, self.device),
             attn_implementation=attn_implementation,
             trust_remote_code=trust_remote_code,
         ).to(self.device)

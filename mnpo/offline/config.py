@@ -14,6 +14,7 @@ from transformers import TrainingArguments
 
 from mnpo.data.columns import LOSS_TYPES
 from mnpo.models import LoraArguments
+from mnpo.runtime import DTYPE_CHOICES, TRAINING, dtype_help
 
 
 def _has_bf16_device() -> bool:
@@ -119,8 +120,8 @@ class MNPOConfig(LoraArguments, TrainingArguments):
     model_dtype: str = field(
         default="auto",
         metadata={
-            "help": "dtype the policy is loaded in: auto = float32 (mixed precision comes from --bf16)",
-            "choices": ["auto", "float32", "bfloat16", "float16"],
+            "help": dtype_help("dtype the policy is loaded in", TRAINING),
+            "choices": list(DTYPE_CHOICES),
         },
     )
     attn_implementation: str = field(default="sdpa", metadata={"help": "eager | sdpa | flash_attention_2"})

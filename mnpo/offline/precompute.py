@@ -24,6 +24,8 @@ from typing import Any, ClassVar
 
 from mnpo.data.columns import LOSS_OPPONENTS, LOSS_TYPES
 from mnpo.errors import MnpoError, check_model_path, check_vocab
+from mnpo.models import model_fingerprint
+from mnpo.runtime import DTYPE_CHOICES, INFERENCE, dtype_help
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +83,8 @@ class PrecomputeConfig:
     dtype: str = field(
         default="auto",
         metadata={
-            "help": "model dtype: auto = bfloat16 on GPU, float32 on CPU",
-            "choices": ["auto", "float32", "bfloat16", "float16"],
+            "help": dtype_help("model dtype", INFERENCE),
+            "choices": list(DTYPE_CHOICES),
         },
     )
     attn_implementation: str = field(default="sdpa", metadata={"help": "eager | sdpa | flash_attention_2"})
@@ -123,32 +125,6 @@ class PrecomputeConfig:
             check_causal_lm(path, "history_paths")
 
 
-def model_fingerprint(path: str) -> str:
-    """Cheap identity of a model: local files' names, sizes and mtimes (a Hub id is its own identity);
-    an adapter folder's includes its base's."""
-    from mnpo.io import sha256_bytes
-    from mnpo.models import adapter_base
-
-    p = Path(path)
-    if not p.exists():
-        return sha256_bytes(f"hub:{path}".encode())
-    entries = sorted(
-        f"{q.relative_to(p)}:{q.stat().st_size}:{q.stat().st_mtime_ns}" for q in p.rglob("*") if q.is_file()
-    )
-    base = adapter_base(p)
-    if base is not None:
-        entries.append(f"base:{model_fingerprint(base)}")
-    return sha256_bytes("\n".join(entries).encode())
-
-
-def _torch_dtype(name: str, device_type: str):
-    import torch
-
-    if name == "auto":
-        return torch.bfloat16 if device_type == "cuda" else torch.float32
-    return getattr(torch, name)
-
-
 def _zero3_config():
     """The DeepSpeed config when started by `accelerate launch` with a ZeRO-3 config file, else None.
 
@@ -170,10 +146,11 @@ def _load_model(path: str, config: PrecomputeConfig, device):
     import torch
 
     from mnpo.models import load_causal_lm
+    from mnpo.runtime import INFERENCE, resolve_dtype
 
     zero3 = _zero3_config()
     model = load_causal_lm(
-        path, dtype=_torch_dtype(config.dtype, device.type), attn_implementation=config.attn_implementation
+        path, dtype=resolve_dtype(config.dtype, INFERENCE, device), attn_implementation=config.attn_implementation
     )
     model.eval()
     if zero3 is None:

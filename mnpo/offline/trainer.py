@@ -352,33 +352,11 @@ def prepare_dataset(config: MNPOConfig, tokenizer: Any, source: str | None = Non
     return ds
 
 
-def _load_kwargs(config: MNPOConfig) -> dict[str, Any]:
-    dtype = torch.float32 if config.model_dtype == "auto" else getattr(torch, config.model_dtype)
-    kwargs = {"dtype": dtype, "attn_implementation": config.attn_implementation}
-    if config.model_revision:
-        kwargs["revision"] = config.model_revision
-    return kwargs
-
-
-def _load_model(config: MNPOConfig):
-    from mnpo.models import add_lora, load_causal_lm
-
-    try:
-        # An adapter folder comes back merged: full training, or a fresh LoRA on top, both start from pi_t.
-        model = load_causal_lm(config.model_name_or_path, **_load_kwargs(config))
-    except OSError as exc:
-        raise MnpoError(f"could not load the policy {config.model_name_or_path}: {exc}") from exc
-    if config.use_peft:
-        if config.gradient_checkpointing or getattr(config, "activation_checkpointing", False):
-            model.enable_input_require_grads()  # checkpointed LoRA needs grads flowing from the frozen embeddings
-        model = add_lora(model, config, config.model_name_or_path)
-    return model
-
-
 def train_mnpo(config: MNPOConfig) -> Path:
     """CLI handler: load policy and precomputed data, train one epoch, save model, tokenizer and config."""
     from mnpo.config import model_context, resolve_pair_lengths, save_config
-    from mnpo.models import load_tokenizer, save_trained_policy
+    from mnpo.models import load_policy, load_tokenizer, policy_load_kwargs, save_trained_policy
+    from mnpo.runtime import TRAINING
     from mnpo.training.checkpoints import resolve_resume_checkpoint
 
     if not config.model_name_or_path:
@@ -428,7 +406,7 @@ def train_mnpo(config: MNPOConfig) -> Path:
         )
     else:
         logger.info("%s: %d rows, columns %s", config.loss_type, len(dataset), loss_columns(config.loss_type))
-    model = _load_model(config)
+    model = load_policy(config, TRAINING)
     ids = (ids for c in (PROMPT_INPUT_IDS, CHOSEN_INPUT_IDS, REJECTED_INPUT_IDS) for ids in dataset[c])
     max_token_id = max((max(s, default=0) for s in ids), default=0)
     check_vocab(model, max_token_id, config.model_name_or_path, "--model_name_or_path", f"--dataset {config.dataset}")
@@ -438,7 +416,9 @@ def train_mnpo(config: MNPOConfig) -> Path:
         # After training as well as at each eval_strategy step: the saved model's own held-out numbers.
         logger.info("eval: %s", trainer.evaluate())
     # With LoRA: the merged model, so output_dir is exactly the trained policy (adapter kept on request).
-    save_trained_policy(trainer, config.output_dir, config.use_peft, config.save_adapter, **_load_kwargs(config))
+    save_trained_policy(
+        trainer, config.output_dir, config.use_peft, config.save_adapter, **policy_load_kwargs(config, TRAINING)
+    )
     trainer.save_state()  # trainer_state.json: the logged curve, for reports
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(config.output_dir)

@@ -10,6 +10,7 @@ from transformers import TrainingArguments
 
 from mnpo.judges import JUDGE_TYPES
 from mnpo.models import LoraArguments
+from mnpo.runtime import AS_SAVED, DTYPE_CHOICES, dtype_help
 
 ALGORITHMS = ("eg", "oipo1", "oipo2", "nmd", "nmdpg")
 # The reference runs' tempered pair sampler (algorithms.md 2.2): T = 2, top-k 10.
@@ -141,7 +142,10 @@ class OnlineConfig(LoraArguments, TrainingArguments):
     vllm_gpu_memory_utilization: float = field(
         default=0.3, metadata={"help": "vllm backend: share of GPU memory for vLLM"}
     )
-    model_dtype: str = field(default="auto", metadata={"help": "policy dtype when loading: auto, float32, bfloat16"})
+    model_dtype: str = field(
+        default="auto",
+        metadata={"help": dtype_help("dtype the policy is loaded in", AS_SAVED), "choices": list(DTYPE_CHOICES)},
+    )
     attn_implementation: str = field(
         default="sdpa", metadata={"help": "attention kernel: sdpa, eager, flash_attention_2"}
     )

@@ -155,7 +155,7 @@ class VLLMColocateGenerator:
         stop_ids: list[int],
         seed: int,
     ) -> torch.Tensor:
-        from mnpo.generation.shards import derive_seed
+        from mnpo.data.shards import derive_seed
 
         # One seed per row: vLLM seeds each request's sampler from its own seed, so one seed for the batch
         # would give every row the same random numbers; the pair sampler's y and y' (the same prompts
@@ -571,22 +571,11 @@ def _collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"prompt": [r["prompt"] for r in rows]}
 
 
-def _dtype(name: str):
-    return "auto" if name == "auto" else getattr(torch, name)
-
-
-def _load_kwargs(cfg, revision: bool = True) -> dict[str, Any]:
-    """from_pretrained kwargs of the policy; `revision=False` for another model (a separate reference)."""
-    kwargs = {"dtype": _dtype(cfg.model_dtype), "attn_implementation": cfg.attn_implementation}
-    if revision and cfg.model_revision:
-        kwargs["revision"] = cfg.model_revision
-    return kwargs
-
-
 def build_trainer(cfg) -> OnlineNLHFTrainer:
     from mnpo.config import model_context, prompt_budget
     from mnpo.judges import load_judge
-    from mnpo.models import add_lora, load_causal_lm, load_tokenizer, refuse_adapter
+    from mnpo.models import load_causal_lm, load_policy, load_tokenizer, policy_load_kwargs, refuse_adapter
+    from mnpo.runtime import AS_SAVED
 
     if cfg.generation_backend == "vllm":
         refuse_adapter(cfg.model_name_or_path, "the colocated vLLM sampler")
@@ -599,14 +588,12 @@ def build_trainer(cfg) -> OnlineNLHFTrainer:
     context = model_context(cfg.model_name_or_path, tokenizer)
     cfg.max_prompt_length = prompt_budget(cfg.max_prompt_length, cfg.max_new_tokens, context, cfg.model_name_or_path)
     # An adapter folder comes back merged: full training, or a fresh LoRA on top, both start from pi_t.
-    model = load_causal_lm(cfg.model_name_or_path, **_load_kwargs(cfg))
+    model = load_policy(cfg, AS_SAVED)
     ref_model = None
-    if cfg.use_peft:
-        model = add_lora(model, cfg, cfg.model_name_or_path)
     if not cfg.use_peft or (cfg.alg in ("nmd", "nmdpg") and cfg.ref_model_name_or_path):
         ref_model = load_causal_lm(
             cfg.ref_model_name_or_path or cfg.model_name_or_path,
-            **_load_kwargs(cfg, revision=not cfg.ref_model_name_or_path),
+            **policy_load_kwargs(cfg, AS_SAVED, revision=not cfg.ref_model_name_or_path),
         )
     elif cfg.alg in ("nmd", "nmdpg"):
         raise MnpoError(
@@ -635,7 +622,8 @@ def build_trainer(cfg) -> OnlineNLHFTrainer:
 def train_egpo(cfg) -> OnlineNLHFTrainer:
     """Handler of `mnpo train-egpo`: build, train (resuming from the last checkpoint if any), save."""
     from mnpo.config import save_config
-    from mnpo.models import save_trained_policy
+    from mnpo.models import policy_load_kwargs, save_trained_policy
+    from mnpo.runtime import AS_SAVED
     from mnpo.training.checkpoints import resolve_resume_checkpoint
 
     check_model_path(cfg.model_name_or_path, "--model_name_or_path")
@@ -650,7 +638,7 @@ def train_egpo(cfg) -> OnlineNLHFTrainer:
     # Default "auto": a rerun of a killed run resumes from its newest complete checkpoint.
     trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint))
     # With LoRA: the merged model, so output_dir is exactly the trained policy (adapter kept on request).
-    save_trained_policy(trainer, cfg.output_dir, cfg.use_peft, cfg.save_adapter, **_load_kwargs(cfg))
+    save_trained_policy(trainer, cfg.output_dir, cfg.use_peft, cfg.save_adapter, **policy_load_kwargs(cfg, AS_SAVED))
     trainer.save_state()  # trainer_state.json: the logged curve, for reports
     return trainer
 

@@ -248,7 +248,7 @@ def test_precompute_cache_key_follows_an_adapters_base(world, tmp_path):
     """The precompute cache must not reuse an adapter's log-probs after its base model changed."""
     import shutil
 
-    from mnpo.offline.precompute import model_fingerprint
+    from mnpo.models import model_fingerprint
 
     base = shutil.copytree(world["policy"], tmp_path / "base")
     adapter = shutil.copytree(world["adapter"], tmp_path / "adapter")

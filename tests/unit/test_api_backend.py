@@ -13,7 +13,7 @@ import pytest
 
 from mnpo.errors import MnpoError
 from mnpo.generation.api_backend import check_served_models, generate_chat, openai_client
-from mnpo.generation.shards import derive_seed
+from mnpo.data.shards import derive_seed
 
 
 class FlakyServer:

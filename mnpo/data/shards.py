@@ -1,4 +1,5 @@
-"""Resumable, data-parallel sharded output shared by `mnpo decode` and `mnpo annotate`.
+"""Resumable, data-parallel sharded output shared by `mnpo decode` and `mnpo annotate`, with the ids and
+seeds that make it independent of batching and process count (prompt ids, derived seeds, fingerprints).
 
 Layout under one folder (e.g. DIR/shards/):
     manifest.json        {"fingerprint": ..., "num_chunks": ..., "chunk_size": ...}
@@ -26,6 +27,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from mnpo.data.columns import PROMPT_ID
 from mnpo.errors import MnpoError
 from mnpo.io import read_jsonl, write_json, write_jsonl
 
@@ -39,20 +41,12 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
-def model_fingerprint(name_or_path: str) -> dict[str, Any]:
-    """Identity of a model: its name, plus for a local folder every file's name and size and the bytes
-    of the small files (configs, tokenizer). Hashing multi-GB weights on every rerun would cost minutes."""
-    path = Path(name_or_path)
-    if not path.is_dir():
-        return {"name": name_or_path}
-    h = hashlib.sha256()
-    for p in sorted(q for q in path.rglob("*") if q.is_file() and not q.name.startswith(".")):
-        h.update(str(p.relative_to(path)).encode())
-        size = p.stat().st_size
-        h.update(str(size).encode())
-        if size < (1 << 20):
-            h.update(p.read_bytes())
-    return {"name": str(path.resolve()), "files": h.hexdigest()}
+def prompt_id_of(row: dict[str, Any], prompt: Any) -> str:
+    """A record's `prompt_id`, else one derived from the prompt's content, so the same prompt keeps its id
+    across stages (decode, annotate) and runs."""
+    if row.get(PROMPT_ID) is not None:
+        return str(row[PROMPT_ID])
+    return fingerprint(prompt)[:16]
 
 
 def resolve_process_shard(shard_index: int | None, num_shards: int | None) -> tuple[int, int]:
