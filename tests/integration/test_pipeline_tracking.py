@@ -1,5 +1,6 @@
-"""`mnpo pipeline --report_to wandb` on a one-iteration toy run, wandb offline: one group, one run per stage with
-the stage's numbers, read back from the offline run files (wandb.Api does not read offline runs)."""
+"""`mnpo pipeline --report_to wandb tensorboard` on a one-iteration toy run, wandb offline: one group, one run per
+stage with the stage's numbers, read back from the offline run files (wandb.Api does not read offline runs) and
+from the tensorboard event files (tensorboard's EventAccumulator)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 from mnpo.io import read_jsonl, write_jsonl
 
 pytest.importorskip("wandb", reason="the wandb extra (part of dev)")
+pytest.importorskip("tensorboard", reason="the tensorboard extra (part of dev)")
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
@@ -81,7 +83,7 @@ def tracked_run(toy_world, tmp_path_factory) -> tuple[Path, list[dict], subproce
         "--eval_judges", f"oracle={toy_world}", "--eval_num_prompts", "8",
         "--eval_args", '{"batch_size": 8, "bootstrap_samples": 50}', "--max_new_tokens", "8",
         "--eval_max_new_tokens", "8", "--num_responses", "2",
-        "--report_to", "wandb", "--run_name", "tracked-demo",
+        "--report_to", "wandb", "tensorboard", "--run_name", "tracked-demo",
     ]  # fmt: skip
     env = {
         **os.environ,
@@ -138,4 +140,38 @@ def test_trainer_reports_into_the_same_group_and_fingerprints_ignore_tracking(tr
     manifest = json.loads((out / "manifest.json").read_text())
     for name, entry in manifest["stages"].items():  # tracking is in no fingerprint: turning it on reruns nothing
         assert "wandb" not in json.dumps(entry["params"]) and "tracked-demo" not in json.dumps(entry["params"]), name
-    assert "[pipeline] iter1/eval" in proc.stdout and "logged to wandb (group tracked-demo)" in proc.stdout
+    assert "[pipeline] iter1/eval" in proc.stdout and "logged to wandb, tensorboard (group tracked-demo)" in proc.stdout
+
+
+def _tensorboard_scalars(log_dir: Path) -> dict[str, tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "tensors": 0, "images": 0})
+    events.Reload()
+    return {tag: (events.Scalars(tag)[-1].step, events.Scalars(tag)[-1].value) for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_has_one_log_folder_per_stage_with_the_numbers_on_disk(tracked_run):
+    out, _, _ = tracked_run
+    root = out / "tensorboard"
+    stages = {str(p.parent.relative_to(root)) for p in root.rglob("events.out.tfevents.*")}
+    assert {"iter1/decode", "iter1/annotate", "iter1/eval"} <= stages, sorted(stages)
+    decode_stats = json.loads((out / "iter1" / "decode" / "stats.json").read_text())
+    assert _tensorboard_scalars(root / "iter1" / "decode")["decode/responses"] == (1, decode_stats["responses"])
+    oracle = json.loads((out / "iter1" / "eval" / "eval.json").read_text())["models"][0]["win_rate"]["oracle"]
+    evaluated = _tensorboard_scalars(root / "iter1" / "eval")
+    for key in ("win_rate", "ci_low", "ci_high"):
+        assert evaluated[f"eval/iter1/oracle/{key}"] == (1, pytest.approx(oracle[key]))
+
+
+def test_the_trainer_curve_is_in_tensorboard_as_in_trainer_state(tracked_run):
+    out, _, _ = tracked_run
+    state = json.loads((out / "iter1" / "model" / "trainer_state.json").read_text())
+    losses = [(entry["step"], entry["loss"]) for entry in state["log_history"] if "loss" in entry]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard" / "iter1" / "train"), size_guidance={"scalars": 0})
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert [step for step, _ in logged] == [step for step, _ in losses] and len(losses) >= 1
+    assert [value for _, value in logged] == pytest.approx([value for _, value in losses])
