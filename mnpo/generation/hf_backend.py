@@ -6,11 +6,11 @@ from __future__ import annotations
 import logging
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor
 
 from mnpo.data.shards import derive_seed
 from mnpo.generation.backend import Completion, SamplingSettings
-from mnpo.generation.sampling import sampling_config, stop_token_ids
+from mnpo.generation.sampling import generate_batch, stop_token_ids
 from mnpo.models import load_causal_lm, load_tokenizer
 from mnpo.runtime import INFERENCE, default_device, resolve_dtype
 
@@ -98,38 +98,29 @@ class HFBackend:
         return results  # type: ignore[return-value]
 
     def _generate_batch(self, prompt_token_ids, seeds, batch, sampling: SamplingSettings) -> list[Completion]:
-        width = max(len(prompt_token_ids[i]) for i, _ in batch)
-        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for b, (i, _) in enumerate(batch):  # left padding: every row's next token is at the end
-            ids = prompt_token_ids[i]
-            input_ids[b, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[b, width - len(ids) :] = 1
+        prompts = [prompt_token_ids[i] for i, _ in batch]
+        width = max(len(p) for p in prompts)
         uniforms = torch.stack(
             [
                 torch.rand(sampling.max_new_tokens, generator=torch.Generator().manual_seed(derive_seed(seeds[i], k)))
                 for i, k in batch
             ]
         ).to(self.device)
-        # Greedy `generate` around SeededSampler, which leaves only its sampled token finite; the config
-        # keeps the model's generation_config.json (e.g. a repetition penalty) from reshaping the logits first.
-        gen_config = sampling_config(
-            temperature=0.0,
+        # Greedy decoding around SeededSampler, which leaves only its sampled token finite; the sampling
+        # config keeps the model's generation_config.json (e.g. a repetition penalty) from reshaping the
+        # logits first.
+        _, _, out = generate_batch(
+            self.model,
+            prompts,
             max_new_tokens=sampling.max_new_tokens,
-            pad_token_id=self.pad_id,
-            eos_token_id=self.eos_ids or None,
-        )
-        out = self.model.generate(
-            input_ids=input_ids.to(self.device),
-            attention_mask=attention_mask.to(self.device),
-            generation_config=gen_config,
-            logits_processor=LogitsProcessorList(
-                [SeededSampler(uniforms, width, sampling.temperature, sampling.top_p)]
-            ),
+            pad_id=self.pad_id,
+            stop_ids=self.eos_ids or None,
+            temperature=0.0,
+            logits_processors=lambda mask: [SeededSampler(uniforms, width, sampling.temperature, sampling.top_p)],
         )
         completions = []
         eos = set(self.eos_ids)
-        for row in out[:, width:].tolist():
+        for row in out.tolist():
             stop = next((t for t, tok in enumerate(row) if tok in eos), None)
             if stop is None:
                 ids, text_ids, reason = row, row, "length"
