@@ -28,9 +28,9 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from mnpo.evaluation.evaluate import policy_win_rate
     from mnpo.io import load_records
     from mnpo.judges import load_judge
-    from mnpo.online.trainer import win_rate
 
     world = Path(args.world)
     prompts = [r["prompt"] for r in load_records(world / "data" / "prompts", "test")][: args.prompts]
@@ -39,7 +39,7 @@ def main() -> None:
     baseline = AutoModelForCausalLM.from_pretrained(args.baseline or world / "policy")
     oracle = load_judge("oracle", str(world))
     rates = [
-        win_rate(policy, baseline, tokenizer, prompts, oracle, args.max_new_tokens, seed=1000 * s)
+        policy_win_rate(policy, baseline, tokenizer, prompts, oracle, args.max_new_tokens, seed=1000 * s)
         for s in range(args.seeds)
     ]
     rate = sum(rates) / len(rates)

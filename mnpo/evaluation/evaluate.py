@@ -19,6 +19,7 @@ from mnpo.data.columns import PROMPT, PROMPT_ID
 from mnpo.errors import MnpoError, check_judge_path, check_model_path
 from mnpo.evaluation.config import EvaluateConfig, parse_judge_spec
 from mnpo.io import load_splits, read_jsonl, write_json, write_jsonl
+from mnpo.judges.win_rate import ORDER_FREE_KINDS, win_probabilities
 from mnpo.progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def generate_responses(model_path: str, prompts: list[Any], config: EvaluateConf
     import torch
 
     from mnpo.data.chat import encode_prompt
-    from mnpo.generation.sampling import sampling_config, stop_token_ids
+    from mnpo.generation.sampling import generate_batch, stop_token_ids
     from mnpo.models import load_causal_lm, load_tokenizer
     from mnpo.runtime import INFERENCE, default_device, resolve_dtype
 
@@ -76,47 +77,72 @@ def generate_responses(model_path: str, prompts: list[Any], config: EvaluateConf
     except (OSError, ValueError) as exc:
         raise MnpoError(f"cannot load model '{model_path}' for evaluation: {exc}") from exc
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    # Exactly softmax(logits / T) cut by top_p, no top-k: nothing taken from the model's generation_config.json
-    # except its stop tokens.
-    generation_config = sampling_config(
-        max_new_tokens=config.max_new_tokens,
-        pad_token_id=pad_id,
-        eos_token_id=stop_token_ids(model, tokenizer) or None,
-        temperature=config.temperature,
-        top_p=config.top_p,
-    )
+    stop_ids = stop_token_ids(model, tokenizer) or None
     # Prompt + response stay inside the model's context (the default prompt budget is what it leaves).
     context = context_length(model.config, tokenizer)
     keep = prompt_budget(config.max_prompt_length, config.max_new_tokens, context, model_path)
-    torch.manual_seed(config.seed)
     out: list[str] = []
     progress = Progress(len(prompts), f"generate {Path(model_path).name or model_path}", unit="prompt")
     for start in range(0, len(prompts), config.batch_size):
         ids = [encode_prompt(tokenizer, p)[-keep:] for p in prompts[start : start + config.batch_size]]
-        width = max(len(x) for x in ids)
-        # Left padding: generation continues from the last real token of every row.
-        input_ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in ids], device=device)
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
-        with torch.no_grad():
-            gen = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=generation_config)
-        out += tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
+        # Exactly softmax(logits / T) cut by top_p, no top-k: nothing taken from the model's
+        # generation_config.json except its stop tokens. Seeded once: the batches continue one random stream.
+        _, _, gen = generate_batch(
+            model,
+            ids,
+            max_new_tokens=config.max_new_tokens,
+            pad_id=pad_id,
+            stop_ids=stop_ids,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            seed=config.seed if start == 0 else None,
+        )
+        out += tokenizer.batch_decode(gen, skip_special_tokens=True)
         progress.update(len(ids))
     progress.close()
     del model
     return [r.strip() for r in out]
 
 
-def win_probabilities(
-    judge: Any, kind: str, prompts: list[Any], responses: list[str], baseline: list[str]
-) -> list[float]:
-    """p_i = P(response_i > baseline_i). Oracle and remote judges are asked in both orders and averaged
-    (removes any position bias); the pairwise-model and LLM judges already do that, and a reward-model
-    judge is symmetric by construction."""
-    forward = judge.judge(prompts, list(zip(responses, baseline)))
-    if kind in ("reward", "pairwise", "llm"):
-        return forward
-    backward = judge.judge(prompts, list(zip(baseline, responses)))
-    return [(f + 1.0 - b) / 2.0 for f, b in zip(forward, backward)]
+def policy_win_rate(
+    policy: Any,
+    baseline: Any,
+    tokenizer: Any,
+    prompts: list,
+    judge: Any,
+    max_new_tokens: int = 64,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> float:
+    """Mean judge P(policy's sample > baseline's sample) over `prompts`, both orders judged and averaged, for
+    models in memory (benchmarks/egpo_win_rate.py). One temperature-1 untruncated sample per prompt and
+    model (`generate_completions` runs without gradients); a batch's samples are seeded by `seed` + the
+    index of its first prompt (+ 1 for the baseline)."""
+    from mnpo.data.chat import encode_prompt
+    from mnpo.generation.mixture import SamplerSettings, completion_mask, completion_texts, generate_completions
+    from mnpo.generation.sampling import stop_token_ids
+
+    total, count = 0.0, 0
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        ids = [encode_prompt(tokenizer, p) for p in chunk]
+        texts = []
+        for k, model in enumerate((policy, baseline)):
+            model.eval()
+            stop_ids = stop_token_ids(model, tokenizer)
+            out = generate_completions(
+                model,
+                tokenizer,
+                ids,
+                SamplerSettings(),
+                max_new_tokens,
+                generator_seed=seed + start + k,
+                stop_ids=stop_ids,
+            )[2]
+            texts.append(completion_texts(tokenizer, out, completion_mask(out, stop_ids)))
+        total += sum(win_probabilities(judge, chunk, texts[0], texts[1]))
+        count += len(chunk)
+    return total / max(count, 1)
 
 
 def bootstrap_ci(values: list[float], samples: int, confidence: float, seed: int) -> tuple[float, float]:
@@ -204,9 +230,8 @@ def _cached_responses(path: Path, model: str, config: EvaluateConfig, prompts: l
     return responses
 
 
-def evaluate(config: EvaluateConfig) -> dict[str, Any]:
-    """Write eval.json + alignment_curve.png; returns the eval.json content."""
-    out = Path(config.output_dir)
+def _check_inputs(config: EvaluateConfig) -> None:
+    """Every model, the baseline and every judge exist (or are served) before anything is loaded or written."""
     if config.api_base:  # before any request is sent or any response is written
         from mnpo.generation.api_backend import check_served_models
 
@@ -219,6 +244,52 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         check_model_path(config.baseline, "--baseline")
     for spec in config.judges:
         check_judge_path(*parse_judge_spec(spec), "--judges")
+
+
+def _judge_against_baseline(
+    judge: Any,
+    judge_name: str,
+    kind: str,
+    rows: list[dict[str, Any]],
+    responses: dict[str, list[str]],
+    baseline: list[str],
+    config: EvaluateConfig,
+) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """One judge's verdicts on every model: ({model: summary}, per-prompt records)."""
+    prompts = [r[PROMPT] for r in rows]
+    # One judge call per model (the judge batches inside it): the count moves per model, an llm judge's
+    # requests also show their own progress.
+    probs_by_model = {}
+    with Progress(len(responses) * len(prompts), f"judge {judge_name}", unit="pair") as progress:
+        for name, texts in responses.items():
+            both_orders = kind not in ORDER_FREE_KINDS
+            probs_by_model[name] = win_probabilities(judge, prompts, texts, baseline, both_orders=both_orders)
+            progress.update(len(prompts))
+    results, per_prompt = {}, []
+    for name, probs in probs_by_model.items():
+        lengths = [len(r) for r in responses[name]]
+        difficulty = instruction_difficulty(probs_by_model, name)
+        stats = results[name] = summarise(probs, config, lengths, [len(r) for r in baseline], difficulty)
+        per_prompt += [
+            {"model": name, "judge": judge_name, PROMPT_ID: row.get(PROMPT_ID, i), "p_win": p}
+            for i, (row, p) in enumerate(zip(rows, probs))
+        ]
+        logger.info(
+            "%s vs baseline, judge %s: win rate %.3f [%.3f, %.3f], length-controlled %.3f",
+            name,
+            judge_name,
+            stats["win_rate"],
+            stats["ci_low"],
+            stats["ci_high"],
+            stats["lc_win_rate"],
+        )
+    return results, per_prompt
+
+
+def evaluate(config: EvaluateConfig) -> dict[str, Any]:
+    """Write eval.json + alignment_curve.png; returns the eval.json content."""
+    out = Path(config.output_dir)
+    _check_inputs(config)
     # An llm judge's server and model are checked now, not after the (possibly long) generation.
     judges = {spec: _load_judge(spec, config) for spec in config.judges if parse_judge_spec(spec)[0] == "llm"}
     rows = load_prompts(config.prompts, config.prompt_split, config.num_prompts)
@@ -238,38 +309,13 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     per_prompt: list[dict[str, Any]] = []
     verdicts: dict[str, dict[str, int]] = {}
     judge_names = _judge_names(config)
-    baseline_lengths = [len(r) for r in baseline]
     for judge_name, spec in zip(judge_names, config.judges):
         kind, _ = parse_judge_spec(spec)
         judge = judges.get(spec) or _load_judge(spec, config)
-        # One judge call per model (the judge batches inside it): the count moves per model, an llm judge's
-        # requests also show their own progress.
-        probs_by_model = {}
-        with Progress(len(names) * len(prompts), f"judge {judge_name}", unit="pair") as progress:
-            for name in names:
-                probs_by_model[name] = win_probabilities(judge, kind, prompts, responses[name], baseline)
-                progress.update(len(prompts))
-        for name, probs in probs_by_model.items():
-            results[name][judge_name] = summarise(
-                probs,
-                config,
-                [len(r) for r in responses[name]],
-                baseline_lengths,
-                instruction_difficulty(probs_by_model, name),
-            )
-            per_prompt += [
-                {"model": name, "judge": judge_name, PROMPT_ID: row.get(PROMPT_ID, i), "p_win": p}
-                for i, (row, p) in enumerate(zip(rows, probs))
-            ]
-            logger.info(
-                "%s vs baseline, judge %s: win rate %.3f [%.3f, %.3f], length-controlled %.3f",
-                name,
-                judge_name,
-                results[name][judge_name]["win_rate"],
-                results[name][judge_name]["ci_low"],
-                results[name][judge_name]["ci_high"],
-                results[name][judge_name]["lc_win_rate"],
-            )
+        by_model, records = _judge_against_baseline(judge, judge_name, kind, rows, responses, baseline, config)
+        for name, stats in by_model.items():
+            results[name][judge_name] = stats
+        per_prompt += records
         if getattr(judge, "verdict_counts", None) is not None:  # llm judges: how each verdict was read
             verdicts[judge_name] = dict(judge.verdict_counts)
             if verdicts[judge_name]["unparseable"]:
@@ -303,13 +349,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     from mnpo.evaluation.plot import alignment_curve_points, plot_alignment_curve
 
     plot_alignment_curve(alignment_curve_points([report]), out / "alignment_curve.png")
-    for name in names:
-        for judge_name, stats in results[name].items():
-            print(
-                f"{name} vs baseline [{judge_name}]: win rate {stats['win_rate']:.3f} "
-                f"[{stats['ci_low']:.3f}, {stats['ci_high']:.3f}], length-controlled {stats['lc_win_rate']:.3f}"
-            )
-    print(f"eval.json: {out / 'eval.json'}\nalignment curve: {out / 'alignment_curve.png'}")
+    logger.info("eval.json: %s; alignment curve: %s", out / "eval.json", out / "alignment_curve.png")
     return report
 
 

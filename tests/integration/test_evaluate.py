@@ -4,6 +4,7 @@ win rate of a model against itself (exactly 0.5 with the toy oracle: same seed =
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,9 @@ from mnpo.cli import main
 from mnpo.config import parse_config
 from mnpo.errors import MnpoError
 from mnpo.evaluation.config import EvaluateConfig, parse_judge_spec
-from mnpo.evaluation.evaluate import bootstrap_ci, evaluate, instruction_difficulty, win_probabilities
+from mnpo.evaluation.evaluate import bootstrap_ci, evaluate, instruction_difficulty
 from mnpo.io import write_jsonl
+from mnpo.judges.win_rate import win_probabilities
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}{% if m['role'] == 'assistant' %}"
@@ -163,7 +165,8 @@ def test_pairwise_judges_are_asked_both_orders():
         def judge(self, prompts, pairs):
             return [0.9] * len(pairs)
 
-    assert win_probabilities(Biased(), "oracle", ["x"], ["a"], ["b"]) == [pytest.approx(0.5)]
+    assert win_probabilities(Biased(), ["x"], ["a"], ["b"]) == [pytest.approx(0.5)]
+    assert win_probabilities(Biased(), ["x"], ["a"], ["b"], both_orders=False) == [pytest.approx(0.9)]
 
 
 def test_instruction_difficulty_leaves_the_model_out():
@@ -202,7 +205,8 @@ def test_config_errors_name_the_flag(tmp_path):
         load_prompts(str(tmp_path / "bad.jsonl"), "test")
 
 
-def test_cli_evaluate(tmp_path, models, prompts, capsys):
+def test_cli_evaluate(tmp_path, models, prompts, caplog):
+    caplog.set_level(logging.INFO)
     ref, other = models
     rc = main(
         [
@@ -224,7 +228,8 @@ def test_cli_evaluate(tmp_path, models, prompts, capsys):
         ]
     )
     assert rc == 0
-    assert "eval.json" in capsys.readouterr().out
+    assert "other vs baseline, judge oracle: win rate" in caplog.text
+    assert f"eval.json: {tmp_path / 'cli' / 'eval.json'}" in caplog.text
     assert json.loads((tmp_path / "cli" / "eval.json").read_text())["models"][0]["name"] == "other"
 
 
