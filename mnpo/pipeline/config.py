@@ -247,7 +247,7 @@ class PipelineConfig:
         default="inline",
         metadata={
             "help": "inline: run the stages here; slurm: submit one sbatch job per pending stage, chained with "
-            "afterok dependencies (scripts/slurm/)",
+            "afterok dependencies (job scripts in mnpo/pipeline/sbatch/)",
             "choices": ["inline", "slurm"],
         },
     )

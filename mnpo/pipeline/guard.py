@@ -2,7 +2,7 @@
 of the stage outlives the pipeline or runs unlocked.
 
 The pipeline starts this guard with SIGTERM as its parent-death signal and the run lock's descriptor
-(runner.py `Pipeline._start`). The guard runs CMD and is the subreaper of everything CMD starts, so a
+(launcher.py `start_guarded`). The guard runs CMD and is the subreaper of everything CMD starts, so a
 launcher's workers become its children if the launcher dies first. On SIGTERM / SIGINT / SIGHUP (the
 pipeline died, was stopped, or its terminal closed) it sends SIGTERM to every process below it,
 SIGKILL after GRACE_S, and it exits only once they are all gone: the lock it holds covers them all.

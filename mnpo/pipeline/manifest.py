@@ -117,6 +117,9 @@ class Stage:
     # Trainer checkpoints): the partial folder of the same fingerprint is then kept, not wiped.
     resumable: bool = False
     record: dict[str, Any] = field(default_factory=dict)  # extra manifest fields: models, seed, command
+    # How the pipeline starts it: which python and launcher, which sbatch template (launcher.py's kinds).
+    # Not in the fingerprint: where a stage runs does not change its result.
+    kind: str = "single"
 
 
 class Manifest:
@@ -271,7 +274,7 @@ def _read_fp(path: Path) -> str | None:
 @contextlib.contextmanager
 def run_lock(run_dir: str | os.PathLike) -> Iterator[int]:
     """One pipeline per run folder: two would race on the same partial outputs. Yields the lock's file
-    descriptor, which the pipeline passes to every stage it starts (runner.py): the lock is held until
+    descriptor, which the pipeline passes to every stage it starts (launcher.py): the lock is held until
     the last process holding it exits, so a stage that outlives a killed pipeline still locks a rerun
     out. The kernel drops it when they are all gone: a `kill -9` never leaves a stale lock."""
     run_dir = Path(run_dir)

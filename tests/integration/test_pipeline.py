@@ -370,7 +370,7 @@ def test_slurm_dry_run_chains_one_job_per_stage(tmp_path, capsys):
     Pipeline(cfg).run()
     jobs = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("sbatch")]
     assert len(jobs) == len(Pipeline(cfg).plan())
-    assert "MNPO_STAGE=iter2/train" in jobs[-3] and jobs[-3].endswith("scripts/slurm/train.sbatch")
+    assert "MNPO_STAGE=iter2/train" in jobs[-3] and jobs[-3].endswith("mnpo/pipeline/sbatch/train.sbatch")
     assert "--dependency=afterok:<iter2/precompute>" in jobs[-3] and "--account=x" in jobs[-3]
     assert (tmp_path / "r" / "pipeline_config.yaml").is_file()
 

@@ -10,9 +10,10 @@ from pathlib import Path
 
 from mnpo.cli import main
 from mnpo.config import parse_config, save_config
-from mnpo.pipeline import runner
+from mnpo.pipeline import launcher, runner
 from mnpo.pipeline.config import PipelineConfig
 from mnpo.pipeline.manifest import Stage, run_lock
+from mnpo.pipeline.output import configure_output
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -103,9 +104,9 @@ def test_pipeline_announces_start_and_end_of_each_stage(tmp_path, capsys, monkey
 
 
 def test_a_running_stage_progress_is_forwarded_from_its_log(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(runner, "FOLLOW_EVERY_S", 0.05)
+    monkeypatch.setattr(launcher, "FOLLOW_EVERY_S", 0.05)
     monkeypatch.delenv("MNPO_PROGRESS", raising=False)
-    runner._configure_announce()
+    configure_output()
     log = tmp_path / "stage.log"
     code = (
         "import logging, time; from mnpo.cli import LOG_FORMAT; from mnpo.progress import Progress\n"
@@ -116,7 +117,7 @@ def test_a_running_stage_progress_is_forwarded_from_its_log(tmp_path, capsys, mo
     )
     with open(log, "a") as f:
         proc = subprocess.Popen([sys.executable, "-c", code], stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
-        assert runner._follow(proc, log, 0, "iter2/decode") == 0
+        assert launcher.follow(proc, log, 0, "iter2/decode") == 0
     forwarded = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[pipeline] iter2/decode")]
     assert len(forwarded) == 3, forwarded
     assert forwarded[-1].startswith("[pipeline] iter2/decode: decode: 3/3 prompt (100.0%")

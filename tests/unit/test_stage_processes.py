@@ -1,7 +1,7 @@
 """Stage processes of `mnpo pipeline` die with the pipeline and hold its run lock while they live
-(mnpo/pipeline/runner.py `Pipeline._start`, mnpo/pipeline/guard.py, mnpo/pipeline/manifest.py
+(mnpo/pipeline/launcher.py `start_guarded`, mnpo/pipeline/guard.py, mnpo/pipeline/manifest.py
 `run_lock`). The pipeline is stood in for by a small driver process that starts one stage through
-`Pipeline._start` and sleeps; the tests kill that driver alone with SIGKILL, as the OOM killer or
+`start_guarded` and sleeps; the tests kill that driver alone with SIGKILL, as the OOM killer or
 `kill -9 <pid>` would."""
 
 from __future__ import annotations
@@ -25,12 +25,10 @@ DRIVER = textwrap.dedent(
     """
     import sys, time
     from mnpo.pipeline.manifest import run_lock
-    from mnpo.pipeline.runner import Pipeline
+    from mnpo.pipeline.launcher import start_guarded
 
-    pipeline = Pipeline.__new__(Pipeline)  # only its process launching, no config
     with run_lock(sys.argv[1]) as lock_fd:
-        pipeline.lock_fd = lock_fd
-        stage = pipeline._start(sys.argv[2:], None, {"PATH": "/usr/bin:/bin"})
+        stage = start_guarded(sys.argv[2:], None, {"PATH": "/usr/bin:/bin"}, lock_fd)
         print(stage.pid, flush=True)
         time.sleep(120)
     """

@@ -1,4 +1,4 @@
-# Sourced by every scripts/slurm/*.sbatch: enter the repo, activate the environment, set the
+# Sourced by every mnpo/pipeline/sbatch/*.sbatch: enter the repo, activate the environment, set the
 # variables multi-GPU/multi-node jobs need. Override any of them with `sbatch --export=ALL,VAR=...`.
 #   MNPO_ROOT   the repository on a shared filesystem (default: $SLURM_SUBMIT_DIR)
 #   MNPO_VENV   its virtual environment (default: $MNPO_ROOT/.venv; created by scripts/env.sh)
