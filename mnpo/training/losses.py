@@ -9,6 +9,8 @@ import warnings
 
 import torch
 
+from mnpo.training.logprobs import reduce_logps
+
 _warned_no_history = False
 
 
@@ -393,3 +395,45 @@ def nash_md_pg_loss(
     losses = beta * kl_term - score * sequence_logps
     metrics = {"kl": log_ratio.sum(-1).detach(), "score": score.detach()}
     return losses, metrics
+
+
+def prefix_ends(length: int, num_chunks: int) -> list[int]:
+    """Prefix ends of algorithms.md 2.4: floor(L/2) + k * ceil((L - floor(L/2)) / K), k = 1..K, clamped to L."""
+    half = length // 2
+    step = -(-(length - half) // num_chunks)
+    return [min(length, half + k * step) for k in range(1, num_chunks + 1)]
+
+
+def prefix_masks(mask: torch.Tensor, num_chunks: int) -> list[torch.Tensor]:
+    """Completion masks of the K prefixes of algorithms.md 2.4, one (B, C) mask per k = 1..K (the last is `mask`).
+
+    Each row's ends come from its own length L (its completion tokens, mask 1), not from the padded
+    width C of the batch: a short generation's prefixes must end inside it, not in its padding.
+    """
+    ends = torch.tensor([prefix_ends(int(n), num_chunks) for n in mask.sum(-1).tolist()], device=mask.device)
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    return [mask * (positions[None, :] < ends[:, k, None]).to(mask.dtype) for k in range(num_chunks)]
+
+
+def prefix_chunk_online_ipo_loss(
+    policy_token_logps: tuple[torch.Tensor, torch.Tensor],
+    ref_token_logps: tuple[torch.Tensor, torch.Tensor],
+    chunk_masks: list[tuple[torch.Tensor, torch.Tensor]],
+    targets: list[torch.Tensor],
+    *,
+    beta: float,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Online IPO loss per prompt averaged over the K prefix chunks of algorithms.md 2.4.
+
+    `policy_token_logps` / `ref_token_logps`: per-token log-probs of (y, y'), each (B, C). Chunk k scores
+    the prefixes `chunk_masks[k]` = (mask of y, mask of y') (from `prefix_masks`) against `targets[k]` (B,),
+    the target judged on those prefixes; ell is the `reduction` ("mean" or "sum") over each prefix.
+    Returns (B,): (1/K) sum_k online_ipo_loss(ell_k(y), ell_k(y'), ell_ref_k(y), ell_ref_k(y'), target_k).
+    """
+    losses = []
+    for masks, target in zip(chunk_masks, targets, strict=True):
+        ell = [reduce_logps(p, m, reduction) for p, m in zip(policy_token_logps, masks)]
+        ell_ref = [reduce_logps(r, m, reduction) for r, m in zip(ref_token_logps, masks)]
+        losses.append(online_ipo_loss(ell[0], ell[1], ell_ref[0], ell_ref[1], target.to(ell[0].device), beta=beta))
+    return torch.stack(losses).mean(0)

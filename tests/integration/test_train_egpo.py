@@ -248,7 +248,8 @@ def test_vllm_colocated_generation_trains_and_syncs_weights(world, tmp_path):
     trainer = train_egpo(cfg)
     losses = [row["train_loss_mean"] for row in trainer.state.log_history if "train_loss_mean" in row]
     assert losses and all(math.isfinite(x) for x in losses)
-    assert trainer._vllm is not None and trainer._vllm.synced_version == trainer._weights_version - 1
+    sampler = trainer.sampler.vllm
+    assert sampler is not None and sampler.synced_version == trainer._weights_version - 1
 
 
 def test_every_egpo_recipe_parses():
@@ -271,7 +272,7 @@ def test_per_alg_sampler_defaults_and_validation():
 
 
 def test_prefix_ends_follow_the_spec():
-    from mnpo.online.trainer import prefix_ends
+    from mnpo.training.losses import prefix_ends
 
     assert prefix_ends(10, 1) == [10]
     assert prefix_ends(10, 2) == [8, 10]  # floor(10/2) + k * ceil(5/2)

@@ -11,7 +11,10 @@ from types import SimpleNamespace
 
 import torch
 
-from mnpo.online.trainer import OnlineNLHFTrainer, Rollout, prefix_masks
+from mnpo.generation.mixture import completion_texts
+from mnpo.online.rollout import Rollout
+from mnpo.online.trainer import OnlineNLHFTrainer
+from mnpo.training.losses import prefix_chunk_online_ipo_loss, prefix_masks
 
 PAD, EOS = 0, 99
 
@@ -50,7 +53,7 @@ def test_online_loss_judges_and_scores_each_generations_own_prefixes():
     trainer = OnlineNLHFTrainer.__new__(OnlineNLHFTrainer)
     trainer.args = SimpleNamespace(alg="oipo2", normalize_logprobs=True, prefix_chunk_num=2, beta=0.1)
     trainer.tokenizer = _Tokenizer()
-    trainer.stop_ids = [EOS]
+    trainer.sampler = SimpleNamespace(stop_ids=[EOS])
     trainer._metrics = defaultdict(list)
     # Per-token log-probs: y scores -1 everywhere; position t of y' scores -(t + 1), so the mean over
     # its first n tokens is -(n + 1) / 2.
@@ -63,7 +66,7 @@ def test_online_loss_judges_and_scores_each_generations_own_prefixes():
         return torch.tensor([0.5])
 
     trainer._judge = judge
-    texts = [trainer._decode(y, masks[0]), trainer._decode(y_other, masks[1])]
+    texts = [completion_texts(trainer.tokenizer, y, masks[0]), completion_texts(trainer.tokenizer, y_other, masks[1])]
     batch = Rollout(["p"], [[1, 2]], [y, y_other], masks, texts)
     loss = trainer.compute_online_loss(None, batch)
     words = [" ".join(map(str, range(11, 23))), " ".join(map(str, range(11, 26)))]
@@ -71,3 +74,24 @@ def test_online_loss_judges_and_scores_each_generations_own_prefixes():
     # Target P - 1/2 = 0, reference 0: loss per chunk = (ell(y) - ell(y'))^2 = (-1 + (n + 1) / 2)^2 with
     # n = 6, then 8 tokens of y'.
     assert torch.allclose(loss, torch.tensor(((-1 + 3.5) ** 2 + (-1 + 4.5) ** 2) / 2))
+
+
+def test_prefix_chunk_loss_by_hand():
+    # One prompt, K = 2 chunks. Per-token log-probs: y = [-1, -2, -3, -4], y' = [-2, -2, -2, -2] (all 4 tokens
+    # real); the reference scores 0 except y's last token (-1).
+    policy = (torch.tensor([[-1.0, -2.0, -3.0, -4.0]]), torch.full((1, 4), -2.0))
+    reference = (torch.tensor([[0.0, 0.0, 0.0, -1.0]]), torch.zeros(1, 4))
+    full = _mask([4], 4)
+    chunks = list(zip(prefix_masks(full, 2), prefix_masks(full, 2)))  # ends 3, 4 for both
+    targets = [torch.tensor([0.1]), torch.tensor([-0.2])]
+    beta = 0.5
+    # mean: chunk 1: ell(y) = -2, ell(y') = -2, ref 0, 0 -> (0 - 0.1 / 0.5)^2 = 0.04
+    #       chunk 2: ell(y) = -2.5, ell(y') = -2, ell_ref(y) = -0.25 -> (-0.5 + 0.25 + 0.4)^2 = 0.0225
+    loss = prefix_chunk_online_ipo_loss(policy, reference, chunks, targets, beta=beta)
+    assert torch.allclose(loss, torch.tensor([(0.04 + 0.0225) / 2]))
+    # sum: chunk 1: -6 - (-6) - 0.2 -> 0.04; chunk 2: (-10 + 8) - (-1) + 0.4 = -0.6 -> 0.36
+    loss = prefix_chunk_online_ipo_loss(policy, reference, chunks, targets, beta=beta, reduction="sum")
+    assert torch.allclose(loss, torch.tensor([(0.04 + 0.36) / 2]))
+    # One chunk (K = 1) of the whole completions is the plain online IPO loss.
+    one = prefix_chunk_online_ipo_loss(policy, reference, [(full, full)], targets[1:], beta=beta)
+    assert torch.allclose(one, torch.tensor([0.0225]))

@@ -27,8 +27,8 @@ def check_weight_sync(world: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mnpo.data.chat import encode_prompt
+    from mnpo.generation.colocate import VLLMColocateGenerator
     from mnpo.generation.mixture import SamplerSettings
-    from mnpo.online.trainer import VLLMColocateGenerator
 
     policy = os.path.join(world, "policy")
     tok = AutoTokenizer.from_pretrained(policy)
@@ -111,7 +111,7 @@ def check_train_egpo(world: str, out: str) -> None:
         ],
     )
     trainer = train_egpo(cfg)
-    sampler = trainer._vllm
+    sampler = trainer.sampler.vllm
     assert sampler is not None, "train-egpo --generation_backend vllm did not create the colocated sampler"
     # EGPO samples from pi_t, takes the half step, samples from pi_{t+1/2}: each update's second sampling
     # synced the half-step weights, so the engine is one version behind the trainer's final one at most.
