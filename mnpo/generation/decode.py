@@ -164,8 +164,10 @@ def extract_prompts(rows: list[dict[str, Any]], column: str, source: str) -> lis
 
 def _make_backend(config: DecodeConfig):
     if config.backend == "vllm":
-        from mnpo.generation.vllm_backend import VLLMBackend
+        from mnpo.generation.vllm_backend import VLLMBackend, pin_local_gpus
 
+        # Data-parallel decode processes on one node each take their own GPUs, before vLLM initialises CUDA.
+        pin_local_gpus(config.tensor_parallel_size)
         return VLLMBackend(
             config.model_name_or_path,
             dtype=config.dtype,

@@ -57,9 +57,11 @@ def import_vllm():
     return vllm
 
 
-def _pin_local_gpus(tensor_parallel_size: int) -> None:
-    """Under torchrun/accelerate with several processes on one node, give each process its own GPUs
-    before vLLM initialises CUDA (vLLM uses every visible device from 0 up)."""
+def pin_local_gpus(tensor_parallel_size: int) -> None:
+    """Under torchrun/accelerate with several processes on one node, give this process its own GPUs: set
+    CUDA_VISIBLE_DEVICES to its share. vLLM uses every visible device from 0 up and offers no device
+    argument, so this process-wide setting is the only way; call it where the process starts, before vLLM
+    (or anything else) initialises CUDA."""
     world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
     if world <= 1 or "LOCAL_RANK" not in os.environ:
         return
@@ -88,7 +90,6 @@ class VLLMBackend:
         trust_remote_code: bool = False,
     ):
         refuse_adapter(model_name_or_path, "the vLLM backend")
-        _pin_local_gpus(tensor_parallel_size)
         vllm = import_vllm()
         self._vllm = vllm
         kwargs: dict[str, Any] = dict(

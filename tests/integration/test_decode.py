@@ -345,13 +345,13 @@ def test_adapter_calls_the_documented_api(monkeypatch):
 
 
 def test_data_parallel_processes_get_their_own_gpus(monkeypatch):
-    from mnpo.generation.vllm_backend import _pin_local_gpus
+    from mnpo.generation.vllm_backend import pin_local_gpus
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
-    _pin_local_gpus(2)
+    pin_local_gpus(2)
     import os
 
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "2,3"
