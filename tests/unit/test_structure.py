@@ -71,6 +71,10 @@ UNITS = {
     "mnpo.cli": ENTRY,
     "mnpo.__main__": ENTRY,
 }
+# The foundation may read two leaf modules of the data layer: the column names, and the row checks that
+# io.py applies to every record it reads. They import nothing from mnpo but each other (checked below),
+# so this cannot close a cycle.
+FOUNDATION_USES = {"mnpo.data.columns", "mnpo.data.validate"}
 # Within the stage layer a unit imports only itself: a stage never imports another stage.
 # Within the library layer a unit imports another only where listed here.
 LIBRARY_USES = {
@@ -107,8 +111,6 @@ LONG_FUNCTIONS_ALLOWED = {
     "mnpo/toy/world.py::_build",
 }
 LAYER_VIOLATIONS_ALLOWED = {
-    "mnpo/io.py -> mnpo.data.validate",
-    "mnpo/tracking.py -> mnpo.data.columns",
     "mnpo/judges/__init__.py -> mnpo.toy.oracle",
     "mnpo/judges/__init__.py -> mnpo.toy.world",
 }
@@ -208,6 +210,8 @@ def _layer_problem(source: str, target: str) -> str | None:
     """Why `source` may not import `target`, or None."""
     su, tu = _unit(source), _unit(target)
     sl, tl = UNITS[su], UNITS[tu]
+    if sl == FOUNDATION and target in FOUNDATION_USES:
+        return None
     if RANK[tl] > RANK[sl]:
         return f"a {sl} module imports a higher layer ({tl})"
     if su == tu or tl != sl:
@@ -288,6 +292,11 @@ def test_imports_follow_the_layers():
     assert not problems, problems
 
 
+def test_the_data_modules_the_foundation_reads_are_leaves():
+    for module in FOUNDATION_USES:
+        assert {t for t, _, _ in _imports(module)} <= FOUNDATION_USES, module
+
+
 def test_the_layer_rules_catch_what_they_should():
     assert _layer_problem("mnpo.annotation.annotate", "mnpo.generation.decode") == "a stage imports another stage"
     assert _layer_problem("mnpo.annotation.annotate", "mnpo.generation.sampling") is None
@@ -296,6 +305,8 @@ def test_the_layer_rules_catch_what_they_should():
     assert "higher layer" in _layer_problem("mnpo.training.losses", "mnpo.pipeline")
     assert "not in LIBRARY_USES" in _layer_problem("mnpo.generation.sampling", "mnpo.judges")
     assert _layer_problem("mnpo.toy", "mnpo.supervised") is None
+    assert _layer_problem("mnpo.io", "mnpo.data.validate") is None
+    assert "higher layer" in _layer_problem("mnpo.io", "mnpo.data.shards")
 
 
 def test_no_import_cycles_at_module_level():
