@@ -145,8 +145,11 @@ def run_mnpo(policy: Path, pre: Path, args, out: Path) -> list[float]:
     from transformers import AutoTokenizer
 
     from mnpo.config import parse_config
+    from mnpo.models import load_policy
     from mnpo.offline.config import MNPOConfig
-    from mnpo.offline.trainer import MNPOTrainer, _load_model, count_history_columns, prepare_dataset
+    from mnpo.offline.dataset import prepare_dataset
+    from mnpo.offline.trainer import MNPOTrainer
+    from mnpo.runtime import TRAINING
 
     config = parse_config(MNPOConfig, [
         "--model_name_or_path", str(policy), "--dataset", str(pre), "--output_dir", str(out), "--eta", str(args.eta),
@@ -160,7 +163,7 @@ def run_mnpo(policy: Path, pre: Path, args, out: Path) -> list[float]:
     ds = prepare_dataset(config, tokenizer)
     timer = StepTimer()
     trainer = MNPOTrainer(
-        _load_model(config), config, ds, count_history_columns(ds.column_names), processing_class=tokenizer,
+        load_policy(config, TRAINING), config, ds, processing_class=tokenizer,
         callbacks=[timer.callback],
     )  # fmt: skip
     trainer.train()

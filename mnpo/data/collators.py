@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from mnpo.data import columns as C
 from mnpo.data.chat import encode_prompt_completion, response_of
 
-PROMPT_INPUT_IDS = "prompt_input_ids"
-CHOSEN_INPUT_IDS = "chosen_input_ids"  # completion ids only (the prompt is PROMPT_INPUT_IDS)
-REJECTED_INPUT_IDS = "rejected_input_ids"
-TOKENIZATION_FINGERPRINT = "tokenization_fingerprint"  # key in the precompute metadata file
+# Batch key of each per-pair column a loss reads (pi_t, the policy this iteration starts from, is history0).
+BATCH_KEYS = {
+    C.REFERENCE_CHOSEN_LOGPS: "ref_chosen_logps",
+    C.REFERENCE_REJECTED_LOGPS: "ref_rejected_logps",
+    C.history_chosen_logps(0): "pi_t_chosen_logps",
+    C.history_rejected_logps(0): "pi_t_rejected_logps",
+    C.CHOSEN_WIN_RATE: "chosen_win_rate",
+    C.REJECTED_WIN_RATE: "rejected_win_rate",
+}
 
 
 def _prompt_of(row: dict[str, Any], member: Any) -> Any:
@@ -35,12 +41,12 @@ def tokenize_pair(
     completion keeps its first `max_length - len(prompt)` tokens.
     """
     out: dict[str, list[int]] = {}
-    for key, ids_key in ((C.CHOSEN, CHOSEN_INPUT_IDS), (C.REJECTED, REJECTED_INPUT_IDS)):
+    for key, ids_key in ((C.CHOSEN, C.CHOSEN_INPUT_IDS), (C.REJECTED, C.REJECTED_INPUT_IDS)):
         member = row[key]
         prompt_ids, completion_ids = encode_prompt_completion(
             tokenizer, _prompt_of(row, member), response_of(member), max_prompt_length, max_length=max_length
         )
-        out[PROMPT_INPUT_IDS] = prompt_ids
+        out[C.PROMPT_INPUT_IDS] = prompt_ids
         out[ids_key] = completion_ids
     return out
 
@@ -79,36 +85,40 @@ def sequence_batch(prompts: list[list[int]], completions: list[list[int]], pad_t
 
 
 class MNPOCollator:
-    """Rows with stored ids and opponent log-probs -> one batch of 2B sequences (chosen then rejected).
+    """Rows with stored ids and precomputed per-pair numbers -> one batch of 2B sequences (chosen then rejected).
 
-    Output: input_ids/attention_mask/completion_mask (2B, T); ref_chosen_logps, ref_rejected_logps (B,);
-    history_chosen_logps, history_rejected_logps (B, K) with column 0 the most recent opponent.
+    Output: input_ids/attention_mask/completion_mask (2B, T); each of `columns` as a (B,) float32 tensor
+    under its `BATCH_KEYS` name (default: ref_chosen_logps, ref_rejected_logps); history_chosen_logps,
+    history_rejected_logps (B, num_history) with column 0 the most recent opponent.
     """
 
-    def __init__(self, pad_token_id: int, num_history: int):
+    def __init__(
+        self,
+        pad_token_id: int,
+        num_history: int = 0,
+        columns: Sequence[str] = (C.REFERENCE_CHOSEN_LOGPS, C.REFERENCE_REJECTED_LOGPS),
+    ):
         self.pad_token_id = pad_token_id
         self.num_history = num_history
+        self.columns = list(columns)
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
-        prompts = [r[PROMPT_INPUT_IDS] for r in rows]
+        prompts = [r[C.PROMPT_INPUT_IDS] for r in rows]
         batch = sequence_batch(
             prompts + prompts,
-            [r[CHOSEN_INPUT_IDS] for r in rows] + [r[REJECTED_INPUT_IDS] for r in rows],
+            [r[C.CHOSEN_INPUT_IDS] for r in rows] + [r[C.REJECTED_INPUT_IDS] for r in rows],
             self.pad_token_id,
         )
-
-        def col(name):
-            return torch.tensor([float(r[name]) for r in rows], dtype=torch.float32)
-
-        batch["ref_chosen_logps"] = col(C.REFERENCE_CHOSEN_LOGPS)
-        batch["ref_rejected_logps"] = col(C.REFERENCE_REJECTED_LOGPS)
+        for column in self.columns:
+            batch[BATCH_KEYS[column]] = torch.tensor([float(r[column]) for r in rows], dtype=torch.float32)
         k = self.num_history
-        batch["history_chosen_logps"] = torch.tensor(
-            [[float(r[C.history_chosen_logps(j)]) for j in range(k)] for r in rows], dtype=torch.float32
-        ).reshape(len(rows), k)
-        batch["history_rejected_logps"] = torch.tensor(
-            [[float(r[C.history_rejected_logps(j)]) for j in range(k)] for r in rows], dtype=torch.float32
-        ).reshape(len(rows), k)
+        for key, name in (
+            ("history_chosen_logps", C.history_chosen_logps),
+            ("history_rejected_logps", C.history_rejected_logps),
+        ):
+            batch[key] = torch.tensor(
+                [[float(r[name(j)]) for j in range(k)] for r in rows], dtype=torch.float32
+            ).reshape(len(rows), k)
         return batch

@@ -1,4 +1,4 @@
-"""Column names shared by the stage that writes them and the stage that reads them."""
+"""Column and file names shared by the stage that writes them and the stage that reads them."""
 
 # Preference data, in the schema of princeton-nlp/gemma2-ultrafeedback-armorm.
 PROMPT = "prompt"  # str: the user turn
@@ -12,9 +12,20 @@ ALL_WIN_RATES = "all_win_rates"  # list[float | None]: one per response, from th
 CHOSEN_WIN_RATE = "chosen_win_rate"  # float: the chosen response's entry of all_win_rates
 REJECTED_WIN_RATE = "rejected_win_rate"  # float: the rejected response's entry
 
-# Precomputed opponents (mnpo precompute -> mnpo train-mnpo).
+# Precomputed opponents (mnpo precompute -> mnpo train-mnpo). Each scored model writes the pair
+# <model>_chosen_logps, <model>_rejected_logps; precompute.json names the model by <model>.
+REFERENCE_MODEL = "reference"
 REFERENCE_CHOSEN_LOGPS = "reference_chosen_logps"
 REFERENCE_REJECTED_LOGPS = "reference_rejected_logps"
+# Token ids precompute scored, stored so train-mnpo scores exactly the same tokens.
+PROMPT_INPUT_IDS = "prompt_input_ids"
+CHOSEN_INPUT_IDS = "chosen_input_ids"  # completion ids only (the prompt is PROMPT_INPUT_IDS)
+REJECTED_INPUT_IDS = "rejected_input_ids"
+TOKEN_ID_COLUMNS = (PROMPT_INPUT_IDS, CHOSEN_INPUT_IDS, REJECTED_INPUT_IDS)
+# Files precompute writes into its output folder.
+PRECOMPUTE_METADATA_FILE = "precompute.json"  # tokenisation fingerprint, reduction, scored models
+PRECOMPUTE_CACHE_DIR = ".precompute_cache"  # one finished model's log-probs per file, for reruns
+TOKENIZATION_FINGERPRINT = "tokenization_fingerprint"  # key in PRECOMPUTE_METADATA_FILE
 
 
 # The opponents each `--loss_type` of train-mnpo trains against (MNPO paper Table 1): precompute scores
@@ -31,13 +42,34 @@ LOSS_OPPONENTS = {
 LOSS_TYPES = tuple(LOSS_OPPONENTS)
 
 
+def history_model(j: int) -> str:
+    """Name of history model j (0 = most recent opponent, pi_t) in its columns and in precompute.json."""
+    return f"history{j}"
+
+
+def chosen_logps(model: str) -> str:
+    """Column of `model`'s (REFERENCE_MODEL or history_model(j)) log-probs of the chosen response."""
+    return f"{model}_chosen_logps"
+
+
+def rejected_logps(model: str) -> str:
+    return f"{model}_rejected_logps"
+
+
 def history_chosen_logps(j: int) -> str:
-    """Column of history model j (0 = most recent opponent) log-probs of the chosen response."""
-    return f"history{j}_chosen_logps"
+    return chosen_logps(history_model(j))
 
 
 def history_rejected_logps(j: int) -> str:
-    return f"history{j}_rejected_logps"
+    return rejected_logps(history_model(j))
+
+
+def count_history_columns(column_names: list[str]) -> int:
+    """Number of consecutive history{j}_{chosen,rejected}_logps column pairs, j = 0, 1, ..."""
+    j = 0
+    while history_chosen_logps(j) in column_names and history_rejected_logps(j) in column_names:
+        j += 1
+    return j
 
 
 def chat_pair(prompt: str, response: str) -> list[dict[str, str]]:

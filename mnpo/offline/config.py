@@ -6,15 +6,21 @@ warmup 0.1, 1 epoch); configs/mnpo/*.yaml hold the per-iteration values.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from transformers import TrainingArguments
 
-from mnpo.data.columns import LOSS_TYPES
+from mnpo.data.columns import LOSS_TYPES, count_history_columns
 from mnpo.models import LoraArguments
 from mnpo.runtime import DTYPE_CHOICES, TRAINING, dtype_help
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
 
 
 def _has_bf16_device() -> bool:
@@ -125,6 +131,10 @@ class MNPOConfig(LoraArguments, TrainingArguments):
         },
     )
     attn_implementation: str = field(default="sdpa", metadata={"help": "eager | sdpa | flash_attention_2"})
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "must stay false: the collator reads columns the model's forward does not take"},
+    )
     # Paper recipe defaults (TrainingArguments' own are for fine-tuning from scratch).
     learning_rate: float = field(default=5e-7, metadata={"help": "AdamW learning rate (paper: 5e-7)"})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "learning-rate schedule (paper: cosine)"})
@@ -170,8 +180,6 @@ class MNPOConfig(LoraArguments, TrainingArguments):
                 "--loss_type simpo is defined on length-normalised log-probs: set --logp_reduction mean "
                 f"(got {self.logp_reduction})"
             )
-        if any(w < 0 for w in self.history_weights):
-            raise ValueError(f"history_weights must be >= 0, got {self.history_weights}")
         if self.max_history_t is not None and self.max_history_t < 0:
             raise ValueError(f"max_history_t must be >= 0, got {self.max_history_t}")
         from mnpo.config import check_at_least, check_causal_lm, check_training_length
@@ -188,8 +196,15 @@ class MNPOConfig(LoraArguments, TrainingArguments):
             # TrainingArguments refuses bf16 on CPU; recipes written for GPUs should still run here.
             warnings.warn("bf16 requested without a GPU that supports it: training in float32 instead", stacklevel=2)
             self.bf16 = False
-        # The collator needs the stored ids and log-prob columns, which the model's forward does not take.
-        self.remove_unused_columns = False
+        if self.remove_unused_columns:
+            # The collator reads the stored ids and log-prob columns, which the model's forward does not take:
+            # the Trainer would drop them. TRL's DPOTrainer overrides the flag the same way, with a warning.
+            warnings.warn(
+                "remove_unused_columns=True would drop the token-id and log-prob columns train-mnpo reads: "
+                "training with remove_unused_columns=False",
+                stacklevel=2,
+            )
+            self.remove_unused_columns = False
         super().__post_init__()
         ds = getattr(self, "hf_deepspeed_config", None)
         if ds is not None and ds.is_zero3():
@@ -202,3 +217,27 @@ class MNPOConfig(LoraArguments, TrainingArguments):
                     "hold a DeepSpeed checkpoint, not a model the next stage can load (convert it with zero_to_fp32.py)",
                     stacklevel=2,
                 )
+
+
+def resolve_history(
+    column_names: list[str], max_history_t: int | None, history_weights: list[float]
+) -> tuple[int, torch.Tensor]:
+    """The history opponents of an MNPO run, decided once: K = the data's history{j}_*_logps column pairs,
+    at most `max_history_t`, and lambda (K,) = `history_weights` over those K, normalised (uniform if none).
+
+    The weights' checks (one per opponent, none negative) are `normalize_history_weights`'s. K = 0 is
+    logged here: the reference then takes the whole weight (z = Delta_theta - Delta_ref, IPO with tau = eta).
+    """
+    from mnpo.errors import MnpoError
+    from mnpo.training.offline_losses import normalize_history_weights
+
+    num_history = count_history_columns(column_names)
+    if max_history_t is not None:
+        num_history = min(num_history, max_history_t)
+    try:
+        weights = normalize_history_weights(history_weights, num_history)
+    except ValueError as exc:
+        raise MnpoError(f"--history_weights: {exc}") from exc
+    if num_history == 0:
+        logger.warning("MNPO with no history opponents: the reference takes the whole weight (IPO with tau = eta)")
+    return num_history, weights

@@ -22,15 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from mnpo.data import columns as C
 from mnpo.data.columns import LOSS_OPPONENTS, LOSS_TYPES
 from mnpo.errors import MnpoError, check_model_path, check_vocab
 from mnpo.models import model_fingerprint
+from mnpo.offline.dataset import check_win_rates
+from mnpo.offline.scoring import barrier, check_finite, gather_scores, score_sequences
 from mnpo.runtime import DTYPE_CHOICES, INFERENCE, dtype_help
 
 logger = logging.getLogger(__name__)
-
-METADATA_FILE = "precompute.json"
-CACHE_DIR = ".precompute_cache"
 
 
 @dataclass
@@ -187,111 +187,6 @@ def _load_model(path: str, config: PrecomputeConfig, device):
     return engine, engine
 
 
-def score_sequences(
-    model: Any,
-    prompts: list[list[int]],
-    completions: list[list[int]],
-    *,
-    pad_token_id: int,
-    batch_size: int,
-    reduction: str,
-    chunk_size: int,
-    device: Any,
-    rank: int = 0,
-    world_size: int = 1,
-    desc: str = "precompute",
-) -> dict[int, float]:
-    """ell(completion | prompt) for this rank's share of the sequences, as {sequence index: value}.
-
-    Sequences are sorted by length (longest first, so an OOM shows at once) and cut into batches;
-    batch b goes to rank b % world_size. Every rank runs the same number of forward passes (a rank
-    short of work repeats its last batch and drops the result), which ZeRO-3 needs to stay in lockstep.
-    """
-    import torch
-
-    from mnpo.data.collators import sequence_batch
-    from mnpo.training.logprobs import sequence_logps
-
-    order = sorted(range(len(prompts)), key=lambda i: -(len(prompts[i]) + len(completions[i])))
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    mine = batches[rank::world_size]
-    steps = -(-len(batches) // world_size)
-    out: dict[int, float] = {}
-    from mnpo.progress import Progress
-
-    # Every rank runs `steps` batches in lockstep, so rank 0's count is the stage's.
-    with torch.no_grad(), Progress(steps, desc, unit="batch") as progress:
-        for step in range(steps):
-            real = step < len(mine)
-            idx = mine[step] if real else (mine[-1] if mine else batches[-1])
-            batch = sequence_batch([prompts[i] for i in idx], [completions[i] for i in idx], pad_token_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            values = sequence_logps(
-                model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], reduction, chunk_size
-            )
-            if real:
-                out.update(zip(idx, values.tolist()))
-            progress.update()
-    return out
-
-
-def _gather(out: dict[int, float], n: int) -> list[float]:
-    """Every rank's {index: value} -> one list in the original order; each index exactly once."""
-    import torch.distributed as dist
-
-    parts = [out]
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, out)
-    merged: dict[int, float] = {}
-    for part in parts:
-        for i, v in part.items():
-            if i in merged:
-                raise RuntimeError(f"sequence {i} was scored by two ranks")
-            merged[i] = v
-    if len(merged) != n:
-        raise RuntimeError(f"gathered {len(merged)} of {n} sequences")
-    return [merged[i] for i in range(n)]
-
-
-def _check_finite(values: list[float], n: int, prefix: str, path: str, config: PrecomputeConfig) -> None:
-    """Refuse to write a NaN/inf log-prob (e.g. a float16 overflow): train-mnpo would refuse the file."""
-    from mnpo.io import is_finite_number
-
-    bad = next((i for i, v in enumerate(values) if not is_finite_number(v)), None)
-    if bad is not None:
-        member = "chosen" if bad < n else "rejected"
-        raise MnpoError(
-            f"{prefix} model {path} gave the {member} response of {config.dataset} row {bad % n + 1} a non-finite "
-            f"log-prob ({values[bad]}); nothing was written. Score in float32 (--dtype float32) or check the model"
-        )
-
-
-def _check_win_rates(rows: list[dict[str, Any]], source: str) -> None:
-    """sppo's targets are the pair members' win rates, which `mnpo annotate` writes: refuse pairs without them."""
-    from mnpo.data import columns as C
-    from mnpo.io import is_finite_number
-
-    for i, row in enumerate(rows, start=1):
-        for name in (C.CHOSEN_WIN_RATE, C.REJECTED_WIN_RATE):
-            if name not in row:
-                raise MnpoError(
-                    f"{source}: row {i} has no '{name}' column; --loss_type sppo needs the per-response win rates "
-                    f"that `mnpo annotate` writes into pairs.jsonl ({C.ALL_WIN_RATES}, {C.CHOSEN_WIN_RATE}, "
-                    f"{C.REJECTED_WIN_RATE}): annotate the responses first"
-                )
-            value = row[name]
-            if not (is_finite_number(value) and 0.0 <= value <= 1.0):
-                raise MnpoError(f"{source}: row {i}: {name} must be a probability in [0, 1], got {value!r}")
-
-
-def _barrier():
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def _save_dataset(rows: list[dict[str, Any]], output_dir: Path) -> None:
     """save_to_disk into a temp folder, then move files in with state.json last (what loaders look for)."""
     import os
@@ -311,39 +206,22 @@ def _save_dataset(rows: list[dict[str, Any]], output_dir: Path) -> None:
     tmp.rmdir()
 
 
-def precompute_logps(config: PrecomputeConfig) -> Path:
-    """Add reference/history log-prob columns to a preference dataset (see the module docstring)."""
-    import torch
-    from accelerate import PartialState
-
-    from mnpo.config import model_context, resolve_pair_lengths, save_config
-    from mnpo.data import columns as C
-    from mnpo.data.collators import (
-        CHOSEN_INPUT_IDS,
-        PROMPT_INPUT_IDS,
-        REJECTED_INPUT_IDS,
-        TOKENIZATION_FINGERPRINT,
-        tokenization_fingerprint,
-        tokenize_pair,
-    )
-    from mnpo.io import load_records, require_columns, sha256_bytes, write_json
+def _load_pairs(config: PrecomputeConfig) -> tuple[list[dict[str, Any]], Any, str]:
+    """The pairs of --dataset and the tokenizer (and its path) that tokenises them; pair lengths resolved."""
+    from mnpo.config import model_context, resolve_pair_lengths
+    from mnpo.data.formats import to_mnpo_pairs
+    from mnpo.io import load_records, require_columns
     from mnpo.models import load_tokenizer
 
-    # cpu=True lets torchrun/accelerate start a gloo group on machines without a GPU (else: one process).
-    state = PartialState(cpu=not torch.cuda.is_available())
-    log = logger.info if state.is_main_process else logger.debug
-    output_dir = Path(config.output_dir)
     check_model_path(config.ref_model, "--ref_model")
     for path in config.history_paths:
         check_model_path(path, "--history_paths")
     check_model_path(config.tokenizer_name_or_path, "--tokenizer_name_or_path", "tokenizer")
-    from mnpo.data.formats import to_mnpo_pairs
-
     # TRL's implicit-prompt pairs get their prompt here; explicit ones (text or messages) read as they are.
     rows = to_mnpo_pairs(load_records(config.dataset, config.split), config.dataset)
     require_columns(rows, [C.PROMPT, C.CHOSEN, C.REJECTED], config.dataset)
     if config.loss_type == "sppo":
-        _check_win_rates(rows, config.dataset)
+        check_win_rates(rows, config.dataset)
     # The first model scored gives the context length; simpo scores none and reads only the tokenizer.
     first_model = config.ref_model or (config.history_paths[0] if config.history_paths else None)
     tok_path = config.tokenizer_name_or_path or first_model
@@ -355,7 +233,11 @@ def precompute_logps(config: PrecomputeConfig) -> Path:
         raise MnpoError(f"tokenizer {tok_path} has no chat template; pass --tokenizer_name_or_path of one that has")
     context_from = first_model or tok_path
     resolve_pair_lengths(config, model_context(context_from, tokenizer), context_from)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return rows, tokenizer, tok_path
+
+
+def _tokenize_pairs(config: PrecomputeConfig, tokenizer: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    from mnpo.data.collators import tokenize_pair
 
     encoded = []
     for i, row in enumerate(rows, start=1):  # row numbers count from 1, as a JSONL file's lines do
@@ -363,65 +245,92 @@ def precompute_logps(config: PrecomputeConfig) -> Path:
             encoded.append(tokenize_pair(tokenizer, row, config.max_length, config.max_prompt_length))
         except (ValueError, KeyError, TypeError) as exc:
             raise MnpoError(f"{config.dataset}: row {i}: cannot tokenise prompt/chosen/rejected ({exc})") from exc
-    fingerprint = tokenization_fingerprint(tokenizer, config.max_length, config.max_prompt_length)
-    data_hash = sha256_bytes(
-        repr([(e[PROMPT_INPUT_IDS], e[CHOSEN_INPUT_IDS], e[REJECTED_INPUT_IDS]) for e in encoded]).encode()
-    )
-    # Sequences 0..n-1 are the chosen responses, n..2n-1 the rejected ones.
-    prompts = [e[PROMPT_INPUT_IDS] for e in encoded] * 2
-    completions = [e[CHOSEN_INPUT_IDS] for e in encoded] + [e[REJECTED_INPUT_IDS] for e in encoded]
-    n = len(rows)
-    max_token_id = max((max(s, default=0) for s in prompts + completions), default=0)
+    return encoded
 
-    models = [("reference", config.ref_model)] if config.ref_model else []
-    models += [(f"history{j}", p) for j, p in enumerate(config.history_paths)]
+
+def _model_logps(
+    config: PrecomputeConfig, state: Any, name: str, path: str, sequences: dict[str, Any], cache_file: Path
+) -> list[float]:
+    """`path`'s log-probs of every sequence (`sequences`: prompts, completions, pad_token_id, max_token_id,
+    tokenizer path): from `cache_file` if a run already finished this model, else scored and cached."""
+    import torch
+
+    n = len(sequences["prompts"]) // 2
+    log = logger.info if state.is_main_process else logger.debug
+    if cache_file.is_file():
+        log("%s (%s): reusing cached log-probs %s", name, path, cache_file.name)
+        return torch.load(cache_file)["values"]
+    log("%s (%s): scoring %d sequences on %d process(es)", name, path, 2 * n, state.num_processes)
+    model, engine = _load_model(path, config, state.device)
+    option = "--ref_model" if name == C.REFERENCE_MODEL else "--history_paths"
+    check_vocab(model, sequences["max_token_id"], path, option, f"the tokenizer of {sequences['tokenizer']}")
+    out = score_sequences(
+        model, sequences["prompts"], sequences["completions"], pad_token_id=sequences["pad_token_id"],
+        batch_size=config.per_device_batch_size, reduction=config.logp_reduction, chunk_size=config.logprob_chunk_size,
+        device=state.device, rank=state.process_index, world_size=state.num_processes, desc=f"precompute {name}",
+    )  # fmt: skip
+    values = gather_scores(out, 2 * n)
+    check_finite(values, n, name, path, config.dataset)  # before caching: a NaN log-prob trains a NaN model
+    del model, engine  # one model in memory at a time
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if state.is_main_process:
+        from mnpo.io import atomic_write
+
+        with atomic_write(cache_file, "wb") as f:
+            torch.save({"model": path, "values": values}, f)
+    return values
+
+
+def precompute_logps(config: PrecomputeConfig) -> Path:
+    """Add reference/history log-prob columns to a preference dataset (see the module docstring)."""
+    import torch
+    from accelerate import PartialState
+
+    from mnpo.config import save_config
+    from mnpo.data.collators import tokenization_fingerprint
+    from mnpo.io import sha256_bytes, write_json
+
+    # cpu=True lets torchrun/accelerate start a gloo group on machines without a GPU (else: one process).
+    state = PartialState(cpu=not torch.cuda.is_available())
+    output_dir = Path(config.output_dir)
+    rows, tokenizer, tok_path = _load_pairs(config)
+    encoded = _tokenize_pairs(config, tokenizer, rows)
+    fingerprint = tokenization_fingerprint(tokenizer, config.max_length, config.max_prompt_length)
+    data_hash = sha256_bytes(repr([tuple(e[c] for c in C.TOKEN_ID_COLUMNS) for e in encoded]).encode())
+    # Sequences 0..n-1 are the chosen responses, n..2n-1 the rejected ones.
+    prompts = [e[C.PROMPT_INPUT_IDS] for e in encoded] * 2
+    completions = [e[C.CHOSEN_INPUT_IDS] for e in encoded] + [e[C.REJECTED_INPUT_IDS] for e in encoded]
+    sequences = {
+        "prompts": prompts,
+        "completions": completions,
+        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        "max_token_id": max((max(s, default=0) for s in prompts + completions), default=0),
+        "tokenizer": tok_path,
+    }
+    n = len(rows)
+    models = [(C.REFERENCE_MODEL, config.ref_model)] if config.ref_model else []
+    models += [(C.history_model(j), p) for j, p in enumerate(config.history_paths)]
     columns: dict[str, list[float]] = {}
     model_meta = []
-    for prefix, path in models:
+    for name, path in models:
         key = sha256_bytes(
             f"{model_fingerprint(path)}|{fingerprint}|{data_hash}|{config.logp_reduction}|{config.dtype}".encode()
         )[:32]
-        cache_file = output_dir / CACHE_DIR / f"{key}.pt"
-        if cache_file.is_file():
-            values = torch.load(cache_file)["values"]
-            log("%s (%s): reusing cached log-probs %s", prefix, path, cache_file.name)
-        else:
-            log("%s (%s): scoring %d sequences on %d process(es)", prefix, path, 2 * n, state.num_processes)
-            model, engine = _load_model(path, config, state.device)
-            option = "--ref_model" if prefix == "reference" else "--history_paths"
-            check_vocab(model, max_token_id, path, option, f"the tokenizer of {tok_path}")
-            out = score_sequences(
-                model, prompts, completions, pad_token_id=pad_id, batch_size=config.per_device_batch_size,
-                reduction=config.logp_reduction, chunk_size=config.logprob_chunk_size, device=state.device,
-                rank=state.process_index, world_size=state.num_processes, desc=f"precompute {prefix}",
-            )  # fmt: skip
-            values = _gather(out, 2 * n)
-            _check_finite(values, n, prefix, path, config)  # before caching: a NaN log-prob trains a NaN model
-            del model, engine  # one model in memory at a time
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            if state.is_main_process:
-                from mnpo.io import atomic_write
-
-                with atomic_write(cache_file, "wb") as f:
-                    torch.save({"model": path, "values": values}, f)
-        columns[f"{prefix}_chosen_logps"] = values[:n]
-        columns[f"{prefix}_rejected_logps"] = values[n:]
-        model_meta.append({"columns": prefix, "path": str(path), "cache_key": key})
-        _barrier()
+        values = _model_logps(config, state, name, path, sequences, output_dir / C.PRECOMPUTE_CACHE_DIR / f"{key}.pt")
+        columns[C.chosen_logps(name)] = values[:n]
+        columns[C.rejected_logps(name)] = values[n:]
+        model_meta.append({"columns": name, "path": str(path), "cache_key": key})
+        barrier()
 
     if state.is_main_process:
-        out_rows = []
-        for i, row in enumerate(rows):
-            new = dict(row)
-            new.update(encoded[i])
-            new.update({name: vals[i] for name, vals in columns.items()})
-            out_rows.append(new)
-        _save_dataset(out_rows, output_dir)
+        _save_dataset(
+            [{**row, **encoded[i], **{c: v[i] for c, v in columns.items()}} for i, row in enumerate(rows)], output_dir
+        )
         write_json(
-            output_dir / METADATA_FILE,
+            output_dir / C.PRECOMPUTE_METADATA_FILE,
             {
-                TOKENIZATION_FINGERPRINT: fingerprint,
+                C.TOKENIZATION_FINGERPRINT: fingerprint,
                 "loss_type": config.loss_type,
                 "tokenizer": str(tok_path),
                 "logp_reduction": config.logp_reduction,
@@ -434,7 +343,7 @@ def precompute_logps(config: PrecomputeConfig) -> Path:
         )
         save_config(config, output_dir, "precompute_config.yaml")
         logger.info("wrote %d rows with %d model(s) of log-probs to %s", n, len(models), output_dir)
-    _barrier()
+    barrier()
     return output_dir
 
 

@@ -20,7 +20,8 @@ import torch
 
 from mnpo.simulation.game import win_rates
 from mnpo.training.extragradient import extragradient_update
-from mnpo.training.losses import nash_md_pg_loss, normalize_history_weights, online_ipo_loss, online_ipo_target
+from mnpo.training.losses import nash_md_pg_loss, online_ipo_loss, online_ipo_target
+from mnpo.training.offline_losses import normalize_history_weights
 
 
 @dataclass

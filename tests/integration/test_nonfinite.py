@@ -138,6 +138,7 @@ def test_every_stage_reading_pairs_refuses_one_that_disagrees_with_its_prompt(po
 
 
 def test_precompute_refuses_to_write_a_non_finite_log_prob(policy, tmp_path, monkeypatch):
+    from mnpo.data.columns import PRECOMPUTE_CACHE_DIR
     from mnpo.offline import precompute
 
     real = precompute.score_sequences
@@ -155,7 +156,7 @@ def test_precompute_refuses_to_write_a_non_finite_log_prob(policy, tmp_path, mon
     # Sequences 0..3 are the chosen responses, 4..7 the rejected ones: 5 is row 2's rejected response.
     with pytest.raises(MnpoError, match=rf"reference model {policy} gave the rejected response of {data} row 2 a non"):
         precompute.precompute_logps(config)
-    assert not (out / "state.json").exists() and not list(out.glob(f"{precompute.CACHE_DIR}/*.pt"))
+    assert not (out / "state.json").exists() and not list(out.glob(f"{PRECOMPUTE_CACHE_DIR}/*.pt"))
 
 
 @pytest.mark.parametrize("command", ["train-sft", "train-rm", "train-pm"])

@@ -84,9 +84,10 @@ def test_trainer_logps_equal_precomputed(world, precomputed, tmp_path):
 
     from mnpo.config import parse_config
     from mnpo.data.collators import MNPOCollator
-    from mnpo.training.logprobs import per_token_logps, reduce_logps
+    from mnpo.data.columns import count_history_columns
     from mnpo.offline.config import MNPOConfig
-    from mnpo.offline.trainer import count_history_columns, prepare_dataset
+    from mnpo.offline.dataset import prepare_dataset
+    from mnpo.training.logprobs import per_token_logps, reduce_logps
 
     config = parse_config(
         MNPOConfig,
@@ -135,9 +136,10 @@ def test_rerun_reuses_finished_models(world, precomputed, tmp_path, monkeypatch)
     from datasets import load_from_disk
 
     import mnpo.offline.precompute as P
+    from mnpo.data.columns import PRECOMPUTE_CACHE_DIR
 
     out = tmp_path / "pre"
-    shutil.copytree(precomputed / P.CACHE_DIR, out / P.CACHE_DIR)  # as if killed after the last model
+    shutil.copytree(precomputed / PRECOMPUTE_CACHE_DIR, out / PRECOMPUTE_CACHE_DIR)  # as if killed after the last model
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a cached model was loaded again")

@@ -59,13 +59,14 @@ def _config(world, out, *extra):
 def _trainer(config):
     from transformers import AutoTokenizer
 
-    from mnpo.offline.trainer import MNPOTrainer, _load_model, count_history_columns, prepare_dataset
+    from mnpo.models import load_policy
+    from mnpo.offline.dataset import prepare_dataset
+    from mnpo.offline.trainer import MNPOTrainer
+    from mnpo.runtime import TRAINING
 
     tokenizer = AutoTokenizer.from_pretrained(config.model_name_or_path)
     ds = prepare_dataset(config, tokenizer)
-    return MNPOTrainer(
-        _load_model(config), config, ds, count_history_columns(ds.column_names), processing_class=tokenizer
-    )
+    return MNPOTrainer(load_policy(config, TRAINING), config, ds, processing_class=tokenizer)
 
 
 def test_few_steps_change_every_parameter_and_log_metrics(world, tmp_path):

@@ -45,8 +45,11 @@ def _mnpo_first_loss(world, tmp_path: Path, loss_type: str, reduction: str, *fla
 
     from mnpo.cli import main
     from mnpo.config import model_context, parse_config, resolve_pair_lengths
+    from mnpo.models import load_policy
     from mnpo.offline.config import MNPOConfig
-    from mnpo.offline.trainer import MNPOTrainer, _load_model, prepare_dataset
+    from mnpo.offline.dataset import prepare_dataset
+    from mnpo.offline.trainer import MNPOTrainer
+    from mnpo.runtime import TRAINING
 
     pre = tmp_path / f"pre-{loss_type}-{reduction}"
     models = (
@@ -64,7 +67,7 @@ def _mnpo_first_loss(world, tmp_path: Path, loss_type: str, reduction: str, *fla
     tokenizer = AutoTokenizer.from_pretrained(world["policy"])
     resolve_pair_lengths(config, model_context(str(world["policy"]), tokenizer), str(world["policy"]))  # as train_mnpo
     dataset = prepare_dataset(config, tokenizer)
-    trainer = MNPOTrainer(_load_model(config), config, dataset, 0, processing_class=tokenizer)
+    trainer = MNPOTrainer(load_policy(config, TRAINING), config, dataset, processing_class=tokenizer)
     batch = trainer.data_collator([dataset[i] for i in range(N)])
     with torch.no_grad():
         return trainer.compute_loss(trainer.model, batch).item(), dataset

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from mnpo.training.losses import dno_loss, dpo_loss, inpo_loss, ipo_loss, mnpo_loss, simpo_loss, sppo_loss
+from mnpo.training.offline_losses import dno_loss, dpo_loss, inpo_loss, ipo_loss, mnpo_loss, simpo_loss, sppo_loss
 
 
 def t(*values, grad=False):
@@ -31,14 +31,11 @@ def test_ipo_hand_computed_values_and_gradient():
     assert rejected.grad.tolist() == pytest.approx([2.0, 8.0])
 
 
-def test_ipo_is_mnpo_without_history_at_eta_equal_tau(monkeypatch):
+def test_ipo_is_mnpo_without_history_at_eta_equal_tau():
     # Table 1: IPO = MNPO with the reference as the only opponent and eta = tau.
     pc, pr, rc, rr = t(-1.2, -0.3), t(-0.9, -2.2), t(-1.0, -0.4), t(-1.1, -1.7)
     empty = torch.zeros(2, 0)
-    # mnpo_loss warns once per process: reset, so the order of tests does not matter.
-    monkeypatch.setattr("mnpo.training.losses._warned_no_history", False)
-    with pytest.warns(UserWarning, match="no history opponents"):
-        expected, _ = mnpo_loss(pc, pr, rc, rr, empty, empty, eta=0.1, ratio=1 / 3)
+    expected, _ = mnpo_loss(pc, pr, rc, rr, empty, empty, eta=0.1, ratio=1 / 3)
     losses, _ = ipo_loss(pc, pr, rc, rr, tau=0.1)
     assert torch.allclose(losses, expected)
 

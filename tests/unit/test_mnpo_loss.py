@@ -9,13 +9,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mnpo.training.losses import mnpo_loss, normalize_history_weights
+from mnpo.training.offline_losses import mnpo_loss, normalize_history_weights
 
 
-def _call(pc, pr, rc, rr, hc, hr, **kw):
+def _call(pc, pr, rc, rr, hc, hr, history_weights=None, max_history_t=None, **kw):
+    """mnpo_loss as train-mnpo calls it: K = min(history columns, max_history_t) columns, lambda normalised."""
     kw.setdefault("eta", 0.0075)
     kw.setdefault("ratio", 1 / 3)
-    return mnpo_loss(pc, pr, rc, rr, hc, hr, **kw)
+    k = hc.shape[-1] if max_history_t is None else min(hc.shape[-1], max_history_t)
+    lam = normalize_history_weights(history_weights, k)
+    return mnpo_loss(pc, pr, rc, rr, hc[:, :k], hr[:, :k], history_weights=lam, **kw)
 
 
 def test_all_policies_equal_gives_closed_form_loss_and_gradient():
@@ -69,15 +72,13 @@ def test_history_weights_are_honoured_and_normalised():
         normalize_history_weights([1.0], 2)
 
 
-def test_no_history_gives_reference_the_whole_weight(monkeypatch):
+def test_no_history_gives_reference_the_whole_weight():
     # K = 0: z = Dtheta - Dref (IPO with tau = eta), not Dtheta - ratio * Dref.
     eta = 0.25
     pc, pr = torch.tensor([-1.0]), torch.tensor([-2.0])
     rc, rr = torch.tensor([-1.0]), torch.tensor([-1.5])
     empty = torch.zeros(1, 0)
-    monkeypatch.setattr("mnpo.training.losses._warned_no_history", False)
-    with pytest.warns(UserWarning, match="no history"):
-        losses, metrics = _call(pc, pr, rc, rr, empty, empty, eta=eta, ratio=1 / 3)
+    losses, metrics = _call(pc, pr, rc, rr, empty, empty, eta=eta, ratio=1 / 3)
     assert torch.allclose(metrics["z"], torch.tensor([0.5]))
     assert torch.allclose(losses, torch.tensor([(0.5 - 2.0) ** 2]))
     # max_history_t = 0 drops existing history columns the same way.

@@ -24,7 +24,7 @@ from mnpo.simulation.game import (
 )
 from mnpo.simulation.policies import NeuralPolicy, TabularPolicy
 from mnpo.simulation.run import build_games, run_algorithm, simulate
-from mnpo.training.losses import mnpo_loss
+from mnpo.training.offline_losses import mnpo_loss
 
 F64 = torch.float64
 
