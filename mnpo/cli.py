@@ -55,16 +55,16 @@ def main(argv: list[str] | None = None) -> int:
         debug, argv = True, argv[1:]
         os.environ[DEBUG_ENV] = "1"  # inherited by what this command starts: pipeline stages, launcher ranks
     if not argv or argv[0] in ("-h", "--help"):
-        print(_usage())
+        _emit(_usage())
         return 0
     if argv[0] == "--version":
         from mnpo import __version__
 
-        print(f"mnpo {__version__}")
+        _emit(f"mnpo {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"mnpo: unknown command '{name}'\n\n{_usage()}", file=sys.stderr)
+        _emit(f"mnpo: unknown command '{name}'\n\n{_usage()}", sys.stderr)
         return 2
     command = COMMANDS[name]
     configure_logging()
@@ -133,15 +133,21 @@ def _pipeline_status(argv: list[str], debug: bool) -> int:
     if len(argv) != 1 or argv[0].startswith("-"):
         asked = argv[:1] in (["-h"], ["--help"])
         usage = "usage: mnpo pipeline status OUTPUT_DIR  (the output_dir of a pipeline run; starts nothing)"
-        print(usage, file=sys.stdout if asked else sys.stderr)
+        _emit(usage, sys.stdout if asked else sys.stderr)
         return 0 if asked else 2
     from mnpo.pipeline.status import format_status, stage_states
 
     try:
-        print(format_status(stage_states(argv[0])))
+        _emit(format_status(stage_states(argv[0])))
     except MnpoError as exc:
         return _report("pipeline status", str(exc), exc, debug, 2)
     return 0
+
+
+def _emit(text: str, stream=None) -> None:
+    """The one place the CLI writes to the terminal itself: a command's result (usage, version, status table) on
+    stdout, its one error line on stderr. Everything else is logged (configure_logging)."""
+    print(text, file=stream or sys.stdout, flush=True)  # noqa: T201
 
 
 def _report(name: str, message: str, exc: BaseException, debug: bool, status: int) -> int:
@@ -152,7 +158,7 @@ def _report(name: str, message: str, exc: BaseException, debug: bool, status: in
     first, _, rest = message.strip().partition("\n")
     # One line: a library message spanning several lines is folded, not cut (it may hold the fix).
     line = " ".join([first, *(part.strip() for part in rest.splitlines() if part.strip())])
-    print(f"mnpo {name}: error: {line}", file=sys.stderr, flush=True)
+    _emit(f"mnpo {name}: error: {line}", sys.stderr)
     return status
 
 

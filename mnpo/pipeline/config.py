@@ -6,12 +6,15 @@ mnpo pipeline --config configs/pipeline/gemma2-9b-it.yaml --num_iterations 3
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import shlex
 from dataclasses import dataclass, field
 
 from mnpo.data.columns import LOSS_TYPES  # constants only: this module stays light
+from mnpo.evaluation.config import EvaluateConfig  # config classes without torch: still light
+from mnpo.generation.decode import DEFAULT_MAX_NEW_TOKENS, DecodeConfig
 
 MODES = ("td-mnpo", "ht-mnpo", "egpo")
 ITERATION1 = ("existing", "rescore", "on_policy")
@@ -36,6 +39,13 @@ def extra_flags(value: str | None, name: str = "extra flags") -> list[str]:
         return shlex.split(value)
     except ValueError as exc:
         raise ValueError(f"{name}: cannot split {value!r} into flags ({exc})") from exc
+
+
+def _stage_default(config_cls: type, name: str):
+    """The default of a stage config's field, so a pipeline default that is the stage's own is not repeated here.
+    (train-mnpo's recipe defaults stay literal below: its config class imports transformers and torch, which
+    `mnpo pipeline status` and `--help` do not need; tests/unit/test_pipeline_layout.py checks they agree.)"""
+    return next(f.default for f in dataclasses.fields(config_cls) if f.name == name)
 
 
 STAGE_COMMANDS = {
@@ -139,10 +149,18 @@ class PipelineConfig:
     )
 
     # --- decoding ----------------------------------------------------------------------------------
-    num_responses: int = field(default=5, metadata={"help": "K responses sampled per prompt (paper: 5)"})
-    temperature: float = field(default=0.8, metadata={"help": "decode sampling temperature (paper: 0.8)"})
-    top_p: float = field(default=0.95, metadata={"help": "decode nucleus cut-off (paper: 0.95)"})
-    max_new_tokens: int = field(default=4096, metadata={"help": "decode length cap (paper: 4096)"})
+    num_responses: int = field(
+        default=_stage_default(DecodeConfig, "num_responses"),
+        metadata={"help": "K responses sampled per prompt (paper: 5)"},
+    )
+    temperature: float = field(
+        default=_stage_default(DecodeConfig, "temperature"),
+        metadata={"help": "decode sampling temperature (paper: 0.8)"},
+    )
+    top_p: float = field(
+        default=_stage_default(DecodeConfig, "top_p"), metadata={"help": "decode nucleus cut-off (paper: 0.95)"}
+    )
+    max_new_tokens: int = field(default=DEFAULT_MAX_NEW_TOKENS, metadata={"help": "decode length cap (paper: 4096)"})
     decode_backend: str = field(
         default="auto",
         metadata={
@@ -151,7 +169,8 @@ class PipelineConfig:
         },
     )
     decode_tensor_parallel_size: int = field(
-        default=1, metadata={"help": "vllm: GPUs per decode replica; num_processes / this = data-parallel replicas"}
+        default=_stage_default(DecodeConfig, "tensor_parallel_size"),
+        metadata={"help": "vllm: GPUs per decode replica; num_processes / this = data-parallel replicas"},
     )
 
     # --- the recipe, per iteration (a list; its last value repeats for later iterations) ----------
@@ -215,7 +234,10 @@ class PipelineConfig:
             "preference model); empty = no evaluation"
         },
     )
-    eval_num_prompts: int = field(default=0, metadata={"help": "held-out prompts evaluated per iteration (0 = all)"})
+    eval_num_prompts: int = field(
+        default=_stage_default(EvaluateConfig, "num_prompts"),
+        metadata={"help": "held-out prompts evaluated per iteration (0 = all)"},
+    )
     eval_max_new_tokens: int = field(default=512, metadata={"help": "length cap of evaluation responses"})
 
     # --- execution -----------------------------------------------------------------------------------
@@ -301,9 +323,9 @@ class PipelineConfig:
             raise ValueError(
                 f"--loss_type {self.loss_type} runs in mode td-mnpo (iterative, like TD-MNPO); got --mode {self.mode}"
             )
-        if self.loss_type in ("ipo", "inpo") and not self.tau:
-            if not self.train_configs and "--tau" not in extra_flags(self.train_args):
-                raise ValueError(f"--loss_type {self.loss_type} needs --tau (the KL strength, one value per iteration)")
+        tau_elsewhere = self.train_configs or "--tau" in extra_flags(self.train_args)
+        if self.loss_type in ("ipo", "inpo") and not self.tau and not tau_elsewhere:
+            raise ValueError(f"--loss_type {self.loss_type} needs --tau (the KL strength, one value per iteration)")
         if self.loss_type == "sppo" and self.iteration1 == "existing":
             raise ValueError(
                 "--loss_type sppo needs per-response win rates, which annotate writes: set --iteration1 on_policy "

@@ -14,6 +14,7 @@ Linux only (prctl, /proc); elsewhere the pipeline runs CMD directly.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -77,10 +78,8 @@ def _descendants() -> list[int]:
 
 def _signal_all(sig: int) -> None:
     for pid in _descendants():
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 def _reap() -> None:

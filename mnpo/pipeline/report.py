@@ -4,6 +4,7 @@ distributions, training curves, win rates and a few samples (pain 13: see what t
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -38,10 +39,8 @@ def training_curve(log: Path, trainer_state: Path | None = None) -> list[dict[st
                 continue
             clean = {}
             for k, v in d.items():
-                try:
+                with contextlib.suppress(TypeError, ValueError):
                     clean[k] = float(v)
-                except (TypeError, ValueError):
-                    pass
             if "loss" in clean:
                 points.append(clean)
     return points

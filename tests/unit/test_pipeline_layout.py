@@ -49,3 +49,16 @@ def test_every_sbatch_template_is_a_package_resource_shipped_by_pyproject():
         if name.endswith(".sbatch"):
             # The job runs a copy of the script (Slurm spools it): common.sh is found under MNPO_ROOT.
             assert '/mnpo/pipeline/sbatch/common.sh"' in resource.read_text(), name
+
+
+def test_pipeline_recipe_defaults_are_the_train_mnpo_defaults():
+    # Kept literal in PipelineConfig (MNPOConfig imports torch; the pipeline's config stays light): they must agree.
+    from dataclasses import fields
+
+    from mnpo.offline.config import MNPOConfig
+    from mnpo.pipeline.config import PipelineConfig
+
+    train = {f.name: f.default for f in fields(MNPOConfig)}
+    pipeline = PipelineConfig(toy_world=True)
+    assert pipeline.eta[0] == train["eta"] and pipeline.ratio[0] == train["ratio"]
+    assert pipeline.learning_rate[0] == train["learning_rate"] and pipeline.loss_type == train["loss_type"]
