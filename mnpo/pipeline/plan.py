@@ -227,9 +227,8 @@ class Planner:
         if c.loss_type != "mnpo":
             record["loss_type"] = c.loss_type
         record["seed"] = c.seed
-        resume = _TRAIN_RESUME if c.loss_type == "mnpo" else {}
         return self.cli_stage(
-            f"{prefix}/train", TRAIN, "train-mnpo", args, pdir / "model", inputs, record=record, **resume
+            f"{prefix}/train", TRAIN, "train-mnpo", args, pdir / "model", inputs, record=record, **_TRAIN_RESUME
         )
 
     def _egpo_stage(self, prefix: str, t: int, current: str, part: Path, model_dir: Path) -> Stage:

@@ -108,6 +108,20 @@ def test_ipo_tau_may_come_from_train_args(tmp_path):
     assert _value(train.params["args"], "--tau") == "0.3"
 
 
+@pytest.mark.parametrize("loss_type", ["mnpo", "dpo", "simpo"])
+def test_a_killed_training_of_any_loss_resumes_from_its_checkpoints(tmp_path, monkeypatch, loss_type):
+    # The rerun of a killed train-mnpo stage keeps its partial folder and passes --resume_from_checkpoint auto,
+    # whatever the loss (the baseline losses' stages used to restart from scratch).
+    from mnpo.pipeline.launcher import Launcher
+
+    cfg = parse_config(PipelineConfig, ["--config", TOY, "--output_dir", str(tmp_path / "r"), "--loss_type", loss_type])
+    train = next(s for s in Pipeline(cfg).plan() if s.name == "iter1/train")
+    calls = []
+    monkeypatch.setattr(Launcher, "run", lambda self, name, kind, command, args: calls.append(args))
+    train.run(tmp_path / "partial")
+    assert train.resumable and calls[0][:2] == ["--resume_from_checkpoint", "auto"]
+
+
 @pytest.mark.slow
 def test_one_sppo_iteration_on_the_toy_world(toy_world, tmp_path):
     """Real run: decode from pi_0, annotate with the oracle (win rates), precompute pi_t, train sppo."""
