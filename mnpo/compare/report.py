@@ -30,8 +30,10 @@ PLOTS = {
 }
 
 
-def _run_metrics(config: CompareConfig, run: Any, data: dict[str, Any]) -> dict[str, Any]:
-    """Length and KL per iteration of one run, cached next to it (the KL loads every policy)."""
+def run_metrics(config: CompareConfig, run: Any, data: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Length and KL per iteration of one run, cached next to it (the KL loads every policy). `mnpo compare`
+    computes it as soon as a run finishes, while the other runs go on."""
+    data = data or read_run_dir(run.folder)
     marker = json.loads((run.folder / "compare_run.json").read_text())
     key = {"finished": marker["finished"], "kl": config.kl}
     path = run.folder / METRICS_FILE
@@ -71,7 +73,7 @@ def collect(config: CompareConfig, runs: list[Any]) -> dict[str, Any]:
         data = read_run_dir(run.folder)
         if len(data["iterations"]) != config.num_iterations:
             raise ValueError(f"{run.folder}: {len(data['iterations'])} evaluations, expected {config.num_iterations}")
-        by_method.setdefault(run.method.name, []).append((run, data, _run_metrics(config, run, data)))
+        by_method.setdefault(run.method.name, []).append((run, data, run_metrics(config, run, data)))
     methods: dict[str, Any] = {}
     for name, items in by_method.items():
         seeds = [run.seed for run, _, _ in items]

@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,8 +58,9 @@ def _package_root() -> str:
 def plan_runs(config: CompareConfig) -> list[Run]:
     out = Path(config.output_dir)
     runs = []
-    for method in config.selected_methods():
-        for seed in config.seeds:
+    # Seed by seed: stopped early, the finished runs cover every method for the first seeds.
+    for seed in config.seeds:
+        for method in config.selected_methods():
             folder = out / method.name / f"seed{seed}"
             argv = [
                 "pipeline",
@@ -129,8 +131,9 @@ def ensure_world(config: CompareConfig) -> float:
     return time.monotonic() - start
 
 
-def run_all(config: CompareConfig, runs: list[Run]) -> dict[str, str]:
-    """Start every unfinished run, at most `config.jobs` at once; returns {run label: what happened}."""
+def run_all(config: CompareConfig, runs: list[Run], on_finished: Callable[[Run], None] | None = None) -> dict[str, str]:
+    """Start every unfinished run, at most `config.jobs` at once; returns {run label: what happened}.
+    `on_finished(run)` is called for each run that exits 0."""
     status: dict[str, str] = {}
     pending = []
     for run in runs:
@@ -174,6 +177,8 @@ def run_all(config: CompareConfig, runs: list[Run]) -> dict[str, str]:
                         run.folder / RUN_MARKER, {"argv": run.argv, "finished": _now(), "wall_s": round(seconds, 1)}
                     )
                     status[run.label] = "ran"
+                    if on_finished:
+                        on_finished(run)
                     print(f"[compare] done  {run.label} in {seconds:.0f} s", flush=True)
                 else:
                     status[run.label] = f"failed (exit {code}, see {run.folder / 'compare.log'})"
@@ -191,7 +196,9 @@ def run_all(config: CompareConfig, runs: list[Run]) -> dict[str, str]:
 
 def compare(config: CompareConfig) -> dict:
     """Run the comparison and write its report; returns compare.json's content."""
-    from mnpo.compare.report import collect, write_report
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mnpo.compare.report import collect, run_metrics, write_report
 
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -201,7 +208,14 @@ def compare(config: CompareConfig) -> dict:
     start = time.monotonic()
     runs = plan_runs(config)
     world_s = ensure_world(config)
-    status = run_all(config, runs)
+    # A finished run's length and KL are measured in a background thread while the other runs go on
+    # (torch releases the GIL); collect() reads them from the run's cache file.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        futures = []
+        status = run_all(config, runs, lambda run: futures.append(pool.submit(run_metrics, config, run)))
+        for future in futures:
+            if future.exception() is not None:  # collect() measures that run again and raises there
+                logger.warning("measuring a finished run failed: %s", future.exception())
     failed = {k: v for k, v in status.items() if v.startswith("failed")}
     finished = [r for r in runs if status.get(r.label) in ("ran", "reused")]
     if not finished:

@@ -98,6 +98,9 @@ def _write_config(tmp_path):
 
 
 def test_plan_runs_one_pipeline_per_method_and_seed(tmp_path):
+    assert [r.label for r in plan_runs(parse_config(CompareConfig, ["--config", _write_config(tmp_path)]))] == [
+        "A/seed0", "B/seed0", "A/seed1", "B/seed1"
+    ]  # fmt: skip
     config = parse_config(CompareConfig, ["--config", _write_config(tmp_path), "--only", "B"])
     runs = plan_runs(config)
     assert [r.label for r in runs] == ["B/seed0", "B/seed1"]
