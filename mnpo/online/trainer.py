@@ -1,7 +1,7 @@
 """`mnpo train-egpo`: EGPO, Online IPO 1/2, Nash-MD and Nash-MD-PG over transformers.Trainer
 (algorithms.md section 2).
 
-The dataset is the prompt set. `training_step` samples with the model in eval/no-grad mode, judges,
+The dataset is the prompt set. `training_step` samples (mnpo.online.rollout) in eval/no-grad mode, judges,
 then computes the loss with the pure functions of mnpo.training.losses and backpropagates; the
 Trainer's loop takes the optimiser step. EGPO takes its half step inside `training_step` (save
 parameters and optimiser state, step, sample from pi_{t+1/2}, restore) and leaves the full step to
