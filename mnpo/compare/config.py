@@ -106,6 +106,13 @@ class CompareConfig:
         default=True,
         metadata={"help": "estimate KL(pi_t || pi_ref) on the evaluation responses (loads each policy once)"},
     )
+    report_only: bool = field(
+        default=False,
+        metadata={
+            "help": "start no pipeline: write the report from the runs already finished (e.g. after stopping a "
+            "comparison; a method's missing seeds are left out of its figures)"
+        },
+    )
     bootstrap_samples: int = field(default=2000, metadata={"help": "resamples of the seed-then-prompt bootstrap"})
     confidence: float = field(default=0.95, metadata={"help": "level of the win rate intervals"})
 

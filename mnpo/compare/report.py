@@ -124,7 +124,7 @@ def collect(config: CompareConfig, runs: list[Any]) -> dict[str, Any]:
     matrix: dict[str, dict[str, float]] = {a: {} for a in names}
     for a in names:
         for b in names:
-            if a != b:
+            if a != b and per_seed:  # no seed finished by every method: no round robin
                 matrix[a][b] = pooled_mean([s[a][b] for s in per_seed])
     return {
         "methods": methods,
@@ -202,6 +202,8 @@ def _plots(results: dict[str, Any], out: Path) -> None:
 
     names = list(methods)
     matrix = results["round_robin"]["matrix"]
+    if not results["round_robin"]["seeds"]:
+        return
     grid = [[matrix[a].get(b, 0.5) if a != b else 0.5 for b in names] for a in names]
     fig, ax = plt.subplots(figsize=(1.0 + 0.75 * len(names), 0.8 + 0.65 * len(names)))
     im = ax.imshow(grid, cmap="RdBu", vmin=0.2, vmax=0.8)
@@ -279,6 +281,8 @@ def _wall_time_section(results: dict[str, Any], jobs: int) -> list[str]:
 
 def _round_robin_section(results: dict[str, Any]) -> list[str]:
     rr, names = results["round_robin"], list(results["methods"])
+    if not rr["seeds"]:
+        return ["## Round robin of the final policies", "", "No seed was finished by every method.", ""]
     lines = [
         "## Round robin of the final policies",
         "",
@@ -346,6 +350,15 @@ def markdown(config: CompareConfig, results: dict[str, Any]) -> str:
         "seeds with replacement and then the prompts of each drawn seed with replacement.",
         "",
     ]
+    partial = {n: m["seeds"] for n, m in results["methods"].items() if m["seeds"] != results["seeds"]}
+    partial.update({m.name: [] for m in config.selected_methods() if m.name not in results["methods"]})
+    if partial:
+        head += [
+            "**Not every run finished**: the figures of these methods cover only the seeds listed: "
+            + "; ".join(f"{n}: {', '.join(map(str, s)) or 'none'}" for n, s in partial.items())
+            + ". The round robin uses the seeds every method in it finished.",
+            "",
+        ]
     return "\n".join(
         head
         + _win_rate_section(results, level)

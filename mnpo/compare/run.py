@@ -198,7 +198,7 @@ def compare(config: CompareConfig) -> dict:
     """Run the comparison and write its report; returns compare.json's content."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from mnpo.compare.report import collect, run_metrics, write_report
+    from mnpo.compare.report import run_metrics
 
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -207,6 +207,10 @@ def compare(config: CompareConfig) -> dict:
     save_config(config, out)
     start = time.monotonic()
     runs = plan_runs(config)
+    if config.report_only:
+        status = {r.label: "reused" for r in runs if is_finished(r)}
+        print(f"[compare] report only: {len(status)} of {len(runs)} runs finished", flush=True)
+        return _report(config, [r for r in runs if r.label in status], status, 0.0, start)
     world_s = ensure_world(config)
     # A finished run's length and KL are measured in a background thread while the other runs go on
     # (torch releases the GIL); collect() reads them from the run's cache file.
@@ -217,15 +221,22 @@ def compare(config: CompareConfig) -> dict:
             if future.exception() is not None:  # collect() measures that run again and raises there
                 logger.warning("measuring a finished run failed: %s", future.exception())
     failed = {k: v for k, v in status.items() if v.startswith("failed")}
-    finished = [r for r in runs if status.get(r.label) in ("ran", "reused")]
+    results = _report(config, [r for r in runs if status.get(r.label) in ("ran", "reused")], status, world_s, start)
+    if failed:
+        raise MnpoError(f"{len(failed)} run(s) failed (the report covers the others): {failed}")
+    return results
+
+
+def _report(config: CompareConfig, finished: list[Run], status: dict[str, str], world_s: float, start: float) -> dict:
+    from mnpo.compare.report import collect, write_report
+
     if not finished:
-        raise MnpoError(f"no run finished: {failed}")
+        raise MnpoError(f"no run finished: {status}")
+    out = Path(config.output_dir)
     results = collect(config, finished)
     results["status"] = status
     results["world_build_s"] = round(world_s, 1)
     results["wall_s"] = round(time.monotonic() - start, 1)
     write_report(config, results, out)
     print(f"[compare] COMPARE.md: {out / 'COMPARE.md'} ({results['wall_s']:.0f} s)", flush=True)
-    if failed:
-        raise MnpoError(f"{len(failed)} run(s) failed (the report covers the others): {failed}")
     return results
