@@ -94,9 +94,11 @@ def test_a_stage_that_outlives_the_pipeline_locks_the_rerun_out(tmp_path):
         driver.wait()
         time.sleep(1.0)  # the guard has passed SIGTERM on by now; the command ignores it
         assert _running(command)
-        with pytest.raises(MnpoError, match=rf"in use by .* pid {guard} \(.*mnpo.pipeline.guard sh -c") as err:
-            with run_lock(tmp_path / "run"):
-                pass
+        with (
+            pytest.raises(MnpoError, match=rf"in use by .* pid {guard} \(.*mnpo.pipeline.guard sh -c") as err,
+            run_lock(tmp_path / "run"),
+        ):
+            pass
         assert "\n" not in str(err.value)
         os.kill(command, signal.SIGKILL)
         assert _wait_gone(guard, 10), "the guard did not exit with its command"
