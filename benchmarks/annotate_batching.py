@@ -54,8 +54,8 @@ def main() -> None:
 
     import torch
 
-    from mnpo.annotation.reward_model import RewardModelScorer
     from mnpo.io import read_jsonl
+    from mnpo.judges.local import RewardModelScorer
 
     torch.set_num_threads(1)
     world = ensure_world(Path(args.world))

@@ -50,7 +50,7 @@ COMMANDS: dict[str, Command] = {
         "sample K responses per prompt from a policy (hf or vllm backend), sharded and resumable",
     ),
     "annotate": Command(
-        "mnpo.annotation.annotate:AnnotateConfig",
+        "mnpo.annotation.config:AnnotateConfig",
         "mnpo.annotation.annotate:annotate",
         "score responses with reward / preference models and build chosen-rejected pairs",
     ),

@@ -9,7 +9,8 @@ A candidate pair is dropped, and counted under its reason, when its two response
 margin is below `min_margin`. Responses without a finite score take no part.
 Ties between equal top (or bottom) scores resolve to the lowest index, so results are deterministic.
 
-`bradley_terry_win_rates` turns scalar scores into per-response win rates (for `train-mnpo --loss_type sppo`).
+`bradley_terry_win_rates` turns scalar scores into per-response win rates (for `train-mnpo --loss_type sppo`);
+`build_pairs` applies the selection to every scored record and writes the pairs in the training schema.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Hashable, Sequence
+from typing import Any
+
+from mnpo.data import columns as C
+from mnpo.data.chat import as_messages
+from mnpo.data.shards import derive_seed
 
 STRATEGIES = ("max_min", "max_random", "all_pairs")
 SKIP_REASONS = ("identical", "tie", "below_margin", "fewer_than_two_scored")
@@ -106,3 +112,51 @@ def _sigmoid(x: float) -> float:
         return 1.0 / (1.0 + math.exp(-x))
     e = math.exp(x)
     return e / (1.0 + e)
+
+
+def pair_record(record: dict[str, Any], scored: dict[str, Any], name: str, i: int, j: int) -> dict[str, Any]:
+    """The training-schema pair (chosen i, rejected j) of one scored record, labelled by model `name`."""
+    prompt, responses = record[C.PROMPT], record[C.ALL_RESPONSES]
+    base = as_messages(prompt)
+    scores = scored["rm_scores"][name]
+    return {
+        C.PROMPT_ID: record[C.PROMPT_ID],
+        C.PROMPT: prompt,
+        C.CHOSEN: base + [{"role": "assistant", "content": responses[i]}],
+        C.REJECTED: base + [{"role": "assistant", "content": responses[j]}],
+        C.ALL_RESPONSES: responses,
+        C.ALL_RM_SCORES: scores,
+        "rm_scores": scored["rm_scores"],
+        # P(y > the other K - 1 responses) by this model: sppo's targets (train-mnpo --loss_type sppo).
+        C.ALL_WIN_RATES: scored["win_rates"][name],
+        C.CHOSEN_WIN_RATE: scored["win_rates"][name][i],
+        C.REJECTED_WIN_RATE: scored["win_rates"][name][j],
+        "chosen_score": scores[i],
+        "rejected_score": scores[j],
+        "chosen_index": i,
+        "rejected_index": j,
+        "labelled_by": name,
+    }
+
+
+def build_pairs(records, scored_rows, name: str, config: Any):
+    """Pairs picked by model `name` over all records (config: AnnotateConfig's pair_strategy, min_margin,
+    seed); returns (pair records, counts)."""
+    counts = {"pairs": 0, "prompts_with_pairs": 0, **dict.fromkeys(SKIP_REASONS, 0)}
+    pairs = []
+    for record, scored in zip(records, scored_rows):
+        rng = random.Random(derive_seed(config.seed, record[C.PROMPT_ID], name))
+        chosen_rejected, skipped = select_pairs(
+            scored["rm_scores"][name],
+            strategy=config.pair_strategy,
+            min_margin=config.min_margin,
+            keys=scored["_keys"][name],
+            rng=rng,
+        )
+        for reason, n in skipped.items():
+            counts[reason] += n
+        counts["prompts_with_pairs"] += bool(chosen_rejected)
+        for i, j in chosen_rejected:
+            pairs.append(pair_record(record, scored, name, i, j))
+    counts["pairs"] = len(pairs)
+    return pairs, counts

@@ -2,8 +2,8 @@
 
 Input: `mnpo.data.chat.pair_text(prompt, first, second, template)`; label 0 means the first response
 is preferred. Every pair is seen in both orders ((chosen, rejected) -> 0, (rejected, chosen) -> 1),
-so the model cannot learn a position bias. `preference_probabilities` averages both orders at
-inference: P(A > B) = (p0(A, B) + p1(B, A)) / 2, which makes P(A > B) + P(B > A) = 1 exactly.
+so the model cannot learn a position bias. `mnpo.judges.local.preference_probabilities` (the scoring
+shared with the pairwise judge and annotate) averages both orders at inference: P(A > B) = (p0(A, B) + p1(B, A)) / 2, which makes P(A > B) + P(B > A) = 1 exactly.
 The template is saved as `pair_template.txt` next to the model.
 
     mnpo train-pm --config configs/toy/pm.yaml --model_name_or_path DIR/policy --dataset DIR/data/oracle_pairs --output_dir out/pm
@@ -12,14 +12,14 @@ The template is saved as `pair_template.txt` next to the model.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from transformers import TrainingArguments
 
 from mnpo.errors import MnpoError, check_model_path
+from mnpo.judges.local import pair_input_ids, preference_probabilities
 from mnpo.supervised.reward_model import load_sequence_classifier, pair_rows
 from mnpo.supervised.sft import ModelDtypeArguments, load_tokenizer, model_init_kwargs, resolve_bf16, save_model_dir
 
@@ -95,89 +95,6 @@ def read_pair_template(path: str | None) -> str:
     return template
 
 
-def pair_input_ids(tokenizer, template: str, prompt: Any, first: str, second: str, max_length: int | None) -> list[int]:
-    from mnpo.data.chat import pair_text
-
-    ids = tokenizer(pair_text(prompt, first, second, template))["input_ids"]
-    if max_length is not None and len(ids) > max_length:
-        ids = ids[-max_length:]  # the classifier pools the last token: keep the end
-    return ids
-
-
-def pair_class0_probabilities(
-    model,
-    tokenizer,
-    template: str,
-    prompts: Sequence[Any],
-    firsts: Sequence[str],
-    seconds: Sequence[str],
-    batch_size: int = 64,
-    max_length: int | None = None,
-) -> tuple[list[float], list[bool]]:
-    """P(class 0 = first preferred) of each (prompt, first, second) as presented, and whether its text
-    was longer than `max_length` tokens (then its end is kept, exactly as in training)."""
-    import torch
-
-    model.eval()
-    device = next(model.parameters()).device
-    ids = [pair_input_ids(tokenizer, template, p, a, b, None) for p, a, b in zip(prompts, firsts, seconds)]
-    cut = [max_length is not None and len(x) > max_length for x in ids]
-    ids = [x[-max_length:] if c else x for x, c in zip(ids, cut)]
-    # Batches of similar length: padding is wasted compute (it doubled the tokens on the toy PM).
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    out = [0.0] * len(ids)
-    for start in range(0, len(ids), batch_size):
-        index = order[start : start + batch_size]
-        batch = tokenizer.pad({"input_ids": [ids[i] for i in index]}, return_tensors="pt", padding_side="right")
-        with torch.no_grad():
-            probs = model(**batch.to(device)).logits.float().softmax(-1)[:, 0].tolist()
-        for i, p in zip(index, probs):
-            out[i] = p
-    return out, cut
-
-
-def preference_probabilities_with_truncation(
-    model,
-    tokenizer,
-    template: str,
-    prompts: Sequence[Any],
-    firsts: Sequence[str],
-    seconds: Sequence[str],
-    batch_size: int = 64,
-    max_length: int | None = None,
-) -> tuple[list[float], list[bool]]:
-    """P(first > second | prompt) per triple, averaged over both presentation orders (so exactly
-    antisymmetric, with no position bias), and whether either order's text was truncated."""
-    n = len(prompts)
-    probs, cut = pair_class0_probabilities(
-        model,
-        tokenizer,
-        template,
-        [*prompts, *prompts],
-        [*firsts, *seconds],
-        [*seconds, *firsts],
-        batch_size,
-        max_length,
-    )
-    return [(probs[i] + (1.0 - probs[n + i])) / 2.0 for i in range(n)], [cut[i] or cut[n + i] for i in range(n)]
-
-
-def preference_probabilities(
-    model,
-    tokenizer,
-    template: str,
-    prompts: Sequence[Any],
-    firsts: Sequence[str],
-    seconds: Sequence[str],
-    batch_size: int = 64,
-    max_length: int | None = None,
-) -> list[float]:
-    """P(first > second | prompt) per triple, averaged over both presentation orders."""
-    return preference_probabilities_with_truncation(
-        model, tokenizer, template, prompts, firsts, seconds, batch_size, max_length
-    )[0]
-
-
 def train_preference_model(config: PMRunConfig) -> Path:
     """Train the pairwise preference model; saves model, tokenizer, pair_template.txt and config."""
     from datasets import Dataset
@@ -223,7 +140,7 @@ def train_preference_model(config: PMRunConfig) -> Path:
     logger.info("preference model training done: %s", result.metrics)
     if config.eval_split:
         ev = pairs[config.eval_split]
-        probs = preference_probabilities(
+        probs, _ = preference_probabilities(
             trainer.model, tokenizer, template, [p for p, _, _ in ev], [c for _, c, _ in ev], [r for _, _, r in ev]
         )
         accuracy = sum(q > 0.5 for q in probs) / len(ev)

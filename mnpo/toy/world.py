@@ -225,7 +225,8 @@ def _build(cfg: ToyConfig, root: Path) -> None:
     from mnpo.data.columns import PROMPT, PROMPT_ID
     from mnpo.io import write_json, write_jsonl
     from mnpo.toy.tokenizer import train_tokenizer
-    from mnpo.supervised.preference_model import PMRunConfig, preference_probabilities, train_preference_model
+    from mnpo.judges.local import preference_probabilities
+    from mnpo.supervised.preference_model import PMRunConfig, train_preference_model
     from mnpo.supervised.reward_model import RMRunConfig, score_responses, train_reward_model
     from mnpo.supervised.sft import SFTRunConfig, train_sft
 
@@ -386,7 +387,7 @@ def _build(cfg: ToyConfig, root: Path) -> None:
     rm_agreement = sum(c > r for c, r in zip(rm_c, rm_r)) / len(test_pairs)
     pm = AutoModelForSequenceClassification.from_pretrained(pm_dir)
     pm_tok = AutoTokenizer.from_pretrained(pm_dir)
-    pm_ps = preference_probabilities(pm, pm_tok, load_pair_template(str(pm_dir)), ps, cs, rs)
+    pm_ps, _ = preference_probabilities(pm, pm_tok, load_pair_template(str(pm_dir)), ps, cs, rs)
     pm_agreement = _agreement(oracle_ps, pm_ps)
     # Agreement broken down by what decides the oracle: quality alone, or the style cycle alone.
     cyc = [oracle.quality(p, c) == oracle.quality(p, r) for p, c, r in zip(ps, cs, rs)]

@@ -140,7 +140,7 @@ def test_no_pad_token_gives_the_same_scores(world, responses_file, reference_run
 def test_pad_equal_to_eos_is_read_at_the_last_token(world):
     # The toy template ends the assistant turn with EOS; with pad == eos, transformers' own pooling
     # ("rightmost token that is not pad") would read the wrong position. Ours reads the last token.
-    from mnpo.annotation.reward_model import RewardModelScorer
+    from mnpo.judges.local import RewardModelScorer
 
     scorer = RewardModelScorer(str(world / "reward_model"), batch_size=4)
     scorer.pad_id = scorer.tokenizer.eos_token_id
@@ -180,14 +180,14 @@ def test_several_reward_models_and_a_preference_model(world, responses_file, tmp
 
 
 def test_preference_model_matrix_uses_both_orders(world):
-    from mnpo.annotation.annotate import _score_chunk
+    from mnpo.annotation.scoring import score_chunk
     from mnpo.judges.local import PairwisePreferenceJudge
 
     judge = PairwisePreferenceJudge.from_pretrained(str(world / "preference_model"))
     record = {"prompt_id": "x", "prompt": PROMPTS[0], "all_generated_responses": RESPONSES[0][:3]}
-    (row,) = _score_chunk("pm", judge, [record])
+    (row,) = score_chunk("pm", judge, [record])
     a, b = RESPONSES[0][0], RESPONSES[0][1]
-    from mnpo.supervised.preference_model import pair_class0_probabilities
+    from mnpo.judges.local import pair_class0_probabilities
 
     (p_ab, p_ba), _ = pair_class0_probabilities(
         judge.model, judge.tokenizer, judge.template, [PROMPTS[0]] * 2, [a, b], [b, a]
@@ -196,10 +196,10 @@ def test_preference_model_matrix_uses_both_orders(world):
 
 
 def test_crash_midway_then_rerun_is_identical(world, responses_file, reference_run, tmp_path, monkeypatch):
-    from mnpo.annotation import reward_model
+    from mnpo.judges import local
 
     out = tmp_path / "crash"
-    real = reward_model.RewardModelScorer.score_ids
+    real = local.RewardModelScorer.score_ids
     calls = {"n": 0}
 
     def flaky(self, ids):
@@ -208,10 +208,10 @@ def test_crash_midway_then_rerun_is_identical(world, responses_file, reference_r
             raise RuntimeError("simulated crash in the third shard")
         return real(self, ids)
 
-    monkeypatch.setattr(reward_model.RewardModelScorer, "score_ids", flaky)
+    monkeypatch.setattr(local.RewardModelScorer, "score_ids", flaky)
     assert main(_args(world, responses_file, out)) == 1  # an unexpected error: exit 1, one line
     assert len(list((out / "shards" / "reward_model").glob("shard-*.jsonl"))) == 2
-    monkeypatch.setattr(reward_model.RewardModelScorer, "score_ids", real)
+    monkeypatch.setattr(local.RewardModelScorer, "score_ids", real)
     assert main(_args(world, responses_file, out)) == 0
     for name in ("pairs.jsonl", "scored.jsonl"):
         assert (out / name).read_bytes() == (reference_run / name).read_bytes()
@@ -305,10 +305,10 @@ def test_reselect_from_dataset_scores_with_nan(tmp_path, capsys):
 
 
 def test_rm_producing_nan_is_counted(world, responses_file, tmp_path, monkeypatch):
-    from mnpo.annotation import reward_model
+    from mnpo.judges import local
 
-    real = reward_model.RewardModelScorer.score_ids
-    monkeypatch.setattr(reward_model.RewardModelScorer, "score_ids", lambda self, ids: [math.nan] + real(self, ids)[1:])
+    real = local.RewardModelScorer.score_ids
+    monkeypatch.setattr(local.RewardModelScorer, "score_ids", lambda self, ids: [math.nan] + real(self, ids)[1:])
     out = tmp_path / "nan"
     assert main(_args(world, responses_file, out, "--shard_size", "100")) == 0
     stats = json.loads((out / "stats.json").read_text())

@@ -87,8 +87,7 @@ def test_judge_truncates_like_train_pm_keeping_the_end(tiny_pm):
     classifier pools the last token). It used to keep the start, so the second response, and the token
     the score is read from, could be cut off."""
     from mnpo.data.chat import pair_text
-    from mnpo.judges.local import PairwisePreferenceJudge
-    from mnpo.supervised.preference_model import pair_class0_probabilities, pair_input_ids
+    from mnpo.judges.local import PairwisePreferenceJudge, pair_class0_probabilities, pair_input_ids
 
     judge = PairwisePreferenceJudge.from_pretrained(str(tiny_pm), max_length=64)
     prompt, first, second = "what is two plus two", LONG, "four"

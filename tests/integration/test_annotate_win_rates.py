@@ -63,7 +63,7 @@ def test_pairwise_judge_win_rates_are_its_matrix_row_means(tmp_path, monkeypatch
     import mnpo.annotation.annotate as annotate_module
 
     model = build_tiny_policy(tmp_path / "pm", 0)  # only its path is checked; the judge is the table above
-    monkeypatch.setattr(annotate_module, "_load_scorer", lambda kind, path, config: FixedJudge())
+    monkeypatch.setattr(annotate_module, "load_scorer", lambda kind, path, config: FixedJudge())
     data = tmp_path / "responses.jsonl"
     data.write_text(json.dumps({"prompt_id": "q", "prompt": "Hi", C.ALL_RESPONSES: ["a", "b", "c"]}) + "\n")
     out = tmp_path / "o"

@@ -2,8 +2,8 @@
 
 import math
 
-from mnpo.annotation.reward_model import RewardModelScorer
 from mnpo.judges import load_judge
+from mnpo.judges.local import RewardModelScorer
 
 
 def test_reward_judge_matches_annotate_scorer_and_ignores_pad_choice(toy_world):

@@ -110,7 +110,7 @@ def test_reward_and_preference_models_agree_with_oracle(toy_world: Path):
 
     from mnpo.data.chat import load_pair_template, response_of
     from mnpo.io import read_jsonl
-    from mnpo.supervised.preference_model import preference_probabilities
+    from mnpo.judges.local import preference_probabilities
     from mnpo.supervised.reward_model import score_responses
 
     rows = read_jsonl(toy_world / "data" / "oracle_pairs" / "test.jsonl")
@@ -124,10 +124,10 @@ def test_reward_and_preference_models_agree_with_oracle(toy_world: Path):
     rc, rr = score_responses(rm, rm_tok, prompts, chosen), score_responses(rm, rm_tok, prompts, rejected)
     assert sum(c > r for c, r in zip(rc, rr)) / len(rows) >= MIN_RM_AGREEMENT
     pm, pm_tok = AutoModelForSequenceClassification.from_pretrained(pm_dir), AutoTokenizer.from_pretrained(pm_dir)
-    ps = preference_probabilities(pm, pm_tok, load_pair_template(str(pm_dir)), prompts, chosen, rejected)
+    ps, _ = preference_probabilities(pm, pm_tok, load_pair_template(str(pm_dir)), prompts, chosen, rejected)
     assert sum(p > 0.5 for p in ps) / len(rows) >= MIN_PM_AGREEMENT
     # Averaging both orders makes the preference model exactly antisymmetric.
-    back = preference_probabilities(
+    back, _ = preference_probabilities(
         pm, pm_tok, load_pair_template(str(pm_dir)), prompts[:20], rejected[:20], chosen[:20]
     )
     assert [a + b for a, b in zip(ps[:20], back)] == pytest.approx([1.0] * 20, abs=1e-6)

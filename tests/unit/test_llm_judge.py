@@ -107,7 +107,7 @@ def test_llm_judge_spec():
 
 def test_annotate_and_train_egpo_take_the_same_judge_syntax():
     """One judge syntax: annotate's --judge and train-egpo's --judge_type accept every kind evaluate does."""
-    from mnpo.annotation.annotate import AnnotateConfig, scorer_specs
+    from mnpo.annotation.config import AnnotateConfig, scorer_specs
     from mnpo.errors import MnpoError
     from mnpo.judges import JUDGE_TYPES
     from mnpo.online.config import OnlineConfig

@@ -48,7 +48,7 @@ def _cls(ref: str):
 
 
 DECODE = ("mnpo.generation.decode:DecodeConfig", ["--dataset", "d", "--model_name_or_path", "m", "--output_dir", "o"])
-ANNOTATE = ("mnpo.annotation.annotate:AnnotateConfig", ["--dataset", "d", "--output_dir", "o"])
+ANNOTATE = ("mnpo.annotation.config:AnnotateConfig", ["--dataset", "d", "--output_dir", "o"])
 PRECOMPUTE = ("mnpo.offline.precompute:PrecomputeConfig", ["--dataset", "d", "--ref_model", "m", "--output_dir", "o"])
 MNPO = ("mnpo.offline.config:MNPOConfig", ["--model_name_or_path", "m", "--dataset", "d", "--output_dir", "o"])
 ONLINE = ("mnpo.online.config:OnlineConfig", [*EGPO, "--output_dir", "o"])
