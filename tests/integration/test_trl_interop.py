@@ -321,8 +321,9 @@ def test_model_revision_reaches_from_pretrained(tiny, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     from mnpo.config import parse_config
+    from mnpo.models import load_policy
     from mnpo.offline.config import MNPOConfig
-    from mnpo.offline.trainer import _load_model
+    from mnpo.runtime import TRAINING
 
     seen = {}
     real = AutoModelForCausalLM.from_pretrained
@@ -333,7 +334,7 @@ def test_model_revision_reaches_from_pretrained(tiny, monkeypatch):
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", recording)
     argv = ["--model_name_or_path", str(tiny["policy"]), "--dataset", "d", "--output_dir", "o", *CPU]
-    _load_model(parse_config(MNPOConfig, [*argv, "--model_revision", "v1.0"]))
+    load_policy(parse_config(MNPOConfig, [*argv, "--model_revision", "v1.0"]), TRAINING)
     assert seen["revision"] == "v1.0"
 
 
