@@ -102,28 +102,21 @@ def _oracle_pairs(oracle: ToyOracle, prompts, n: int, rng: random.Random) -> lis
 
 def sample_policy(model, tokenizer, prompts: list[str], max_new_tokens: int, seed: int) -> tuple[list[str], list[bool]]:
     """Sample one reply per prompt at temperature 1; returns (texts, ended-with-EOS flags)."""
-    import torch
-
     from mnpo.data.chat import encode_prompt
+    from mnpo.generation.sampling import generate_batch
 
-    torch.manual_seed(seed)
-    ids = [encode_prompt(tokenizer, p) for p in prompts]
-    batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt", padding_side="left")
     model.eval()
-    with torch.no_grad():
-        out = model.generate(
-            **batch,
-            do_sample=True,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    completions = out[:, batch["input_ids"].shape[1] :].tolist()
+    ids = [encode_prompt(tokenizer, p) for p in prompts]
+    _, _, out = generate_batch(
+        model,
+        ids,
+        max_new_tokens=max_new_tokens,
+        pad_id=tokenizer.pad_token_id,
+        stop_ids=tokenizer.eos_token_id,
+        seed=seed,
+    )
     texts, ended = [], []
-    for c in completions:
+    for c in out.tolist():
         has_eos = tokenizer.eos_token_id in c
         if has_eos:
             c = c[: c.index(tokenizer.eos_token_id)]
