@@ -268,7 +268,7 @@ def _ensure_toy_world(target: Path, carried: Path | None = None) -> str:
     for instead of duplicated. Returns how: cached, carried or built."""
     import fcntl
 
-    from mnpo.toy.world import WORLD_FILE
+    from mnpo.judges.toy_oracle import WORLD_FILE
 
     if (target / WORLD_FILE).is_file():
         return "cached"
@@ -441,7 +441,7 @@ def _median(values: list[float]) -> float:
 
 def _world(work: Path) -> Path:
     """The toy world the `toy_world` part put in place (also when a rerun names only later parts)."""
-    from mnpo.toy.world import WORLD_FILE
+    from mnpo.judges.toy_oracle import WORLD_FILE
 
     world = _toy_world_path()
     if not (world / WORLD_FILE).is_file():

@@ -17,7 +17,7 @@ from pathlib import Path
 def workload(n: int) -> list[tuple[str, tuple[str, str]]]:
     import random
 
-    from mnpo.toy.oracle import prompt_topic
+    from mnpo.judges.toy_oracle import prompt_topic
     from mnpo.toy.text import all_prompts, sample_reply
 
     rng = random.Random(0)

@@ -40,6 +40,7 @@ _TOY_SOURCES = [
     *sorted((_REPO / "mnpo" / "toy").glob("*.py")),
     *sorted((_REPO / "mnpo" / "supervised").glob("*.py")),
     _REPO / "mnpo" / "data" / "chat.py",
+    _REPO / "mnpo" / "judges" / "toy_oracle.py",  # labels the world's data
 ]
 
 
@@ -63,8 +64,9 @@ def toy_world() -> Path:
     """
     import fcntl
 
+    from mnpo.judges.toy_oracle import WORLD_FILE
     from mnpo.toy.config import ToyConfig
-    from mnpo.toy.world import WORLD_FILE, build_toy_world
+    from mnpo.toy.world import build_toy_world
 
     cache = _REPO / ".cache"
     cache.mkdir(exist_ok=True)

@@ -114,8 +114,7 @@ def _load_oracle(spec: str) -> Any:
         module, attr = spec.split(":", 1)
         obj = getattr(importlib.import_module(module), attr)
         return obj() if isinstance(obj, type) or (callable(obj) and not hasattr(obj, "preference")) else obj
-    from mnpo.toy.oracle import ToyOracle
-    from mnpo.toy.world import WORLD_FILE
+    from mnpo.judges.toy_oracle import WORLD_FILE, ToyOracle
 
     if spec == "toy":  # the built-in toy oracle, no world directory needed
         return ToyOracle()

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from mnpo.io import read_jsonl
-from mnpo.toy.oracle import ToyOracle
+from mnpo.judges.toy_oracle import ToyOracle
 
 
 def reply_stats(rows: list[dict]) -> dict[str, float]:
@@ -69,14 +69,20 @@ def _fmt(line: dict) -> str:
     return " | ".join(parts)
 
 
+def report(runs: list[Path]) -> str:
+    """The command's table: each run's folder, then one line per model (reference, iter1, iter2, ...)."""
+    lines = []
+    for run in runs:
+        lines.append(str(run))
+        lines += [_fmt(line) for line in inspect_run(run)]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="output_dir of `mnpo pipeline` runs on the toy world")
     args = parser.parse_args(argv)
-    for run in args.runs:
-        print(run)
-        for line in inspect_run(run):
-            print(_fmt(line))
+    print(report(args.runs))  # noqa: T201 - the table is this command's output, on stdout
 
 
 if __name__ == "__main__":

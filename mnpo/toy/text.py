@@ -10,7 +10,23 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from mnpo.toy.oracle import PROMPT_TEMPLATES, TOPICS
+from mnpo.judges.toy_oracle import TOPICS
+
+# 40 topics x 12 prompt templates = 480 distinct prompts.
+PROMPT_TEMPLATES: tuple[str, ...] = (
+    "Tell me about {topic}.",
+    "What do you know about {topic}?",
+    "Describe {topic}.",
+    "Say something about {topic}.",
+    "Why do people like {topic}?",
+    "Write a short note on {topic}.",
+    "Explain {topic} to me.",
+    "Give me a fact about {topic}.",
+    "What are {topic} like?",
+    "Talk about {topic}.",
+    "Share a thought on {topic}.",
+    "Can you describe {topic}?",
+)
 
 ADJECTIVES = (
     "soft", "bright", "quiet", "old", "new", "warm", "cold", "small", "big", "simple",

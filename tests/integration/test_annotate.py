@@ -377,7 +377,7 @@ def test_toy_world_pairs_agree_with_the_oracle(world, tmp_path):
     """Done-when of issue 3: decode + annotate on the toy world give pairs whose chosen response the
     oracle prefers far more often than chance."""
     toy = world
-    from mnpo.toy.oracle import ToyOracle
+    from mnpo.judges.toy_oracle import ToyOracle
 
     dec, ann = tmp_path / "decode", tmp_path / "annotate"
     assert main(["decode", "--dataset", str(toy / "data" / "prompts" / "train.jsonl"), "--model_name_or_path",
@@ -400,7 +400,7 @@ def test_toy_world_pairs_agree_with_the_oracle(world, tmp_path):
 def test_any_judge_ranks_pairs_oracle(world, responses_file, tmp_path):
     """`--judge oracle=WORLD`: the toy oracle ranks the K responses like a preference model (K x K
     matrix, win rates); the chosen response then beats the rejected one under the oracle."""
-    from mnpo.toy.oracle import ToyOracle
+    from mnpo.judges.toy_oracle import ToyOracle
 
     out = tmp_path / "oracle"
     assert main(["annotate", "--dataset", str(responses_file), "--output_dir", str(out),

@@ -211,7 +211,7 @@ def test_preference_model_behind_the_server_matches_the_local_judge(tmp_path):
 
 
 def test_oracle_judge_wraps_the_toy_oracle():
-    from mnpo.toy.oracle import ToyOracle
+    from mnpo.judges.toy_oracle import ToyOracle
 
     judge = OracleJudge(ToyOracle())
     p = judge.judge(["Tell me about cats."], [("Cats are soft and warm. Many people enjoy cats every day.", "dogs")])

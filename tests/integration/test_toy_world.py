@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from mnpo.errors import MnpoError
+from mnpo.judges.toy_oracle import ToyOracle
 from mnpo.toy.config import ToyConfig
-from mnpo.toy.oracle import ToyOracle
 
 pytestmark = pytest.mark.slow
 
@@ -168,10 +168,10 @@ def test_non_empty_foreign_folder_is_refused(tmp_path: Path):
 
 
 def test_prompt_split_is_deterministic_and_disjoint():
-    from mnpo.toy.world import _split_prompts
+    from mnpo.toy.data import split_prompts
 
-    a, b = _split_prompts(ToyConfig(output_dir="x")), _split_prompts(ToyConfig(output_dir="x"))
+    a, b = split_prompts(ToyConfig(output_dir="x")), split_prompts(ToyConfig(output_dir="x"))
     assert a == b
     assert len(a["test"]) == 96 and len(a["train"]) == 384
     assert not {x["prompt"] for x in a["train"]} & {x["prompt"] for x in a["test"]}
-    assert _split_prompts(ToyConfig(output_dir="x", seed=1)) != a
+    assert split_prompts(ToyConfig(output_dir="x", seed=1)) != a

@@ -24,7 +24,7 @@ def _build_small_world(root: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     from mnpo.io import write_jsonl
-    from mnpo.toy.oracle import TOPICS
+    from mnpo.judges.toy_oracle import TOPICS
     from mnpo.toy.text import all_prompts, sample_reply
     from mnpo.toy.tokenizer import train_tokenizer
 

@@ -8,7 +8,7 @@ import pytest
 
 from mnpo.errors import MnpoError
 from mnpo.judges import load_judge
-from mnpo.toy.oracle import ToyOracle
+from mnpo.judges.toy_oracle import ToyOracle
 
 PROMPT = "Tell me about cats."
 # Same quality (on topic, good length, clean end); the first is calm, the second cheerful: calm beats

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from mnpo.toy.oracle import BEATS, STYLES, TOPICS, ToyOracle, cycle, prompt_topic
+from mnpo.judges.toy_oracle import BEATS, STYLES, TOPICS, ToyOracle, cycle, prompt_topic
 from mnpo.toy.text import all_prompts, sample_reply
 
 PROMPT = "Tell me about cats."

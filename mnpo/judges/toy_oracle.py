@@ -15,6 +15,9 @@ With the cycle term no scalar reward can order all replies consistently (a Bradl
 agrees with at most two of the three style match-ups), while a pairwise preference model can; that
 is what makes Nash methods and reward-model methods distinguishable here. The function is exactly
 antisymmetric: P(a > b) + P(b > a) = 1, and P(a > a) = 0.5.
+
+The `oracle=DIR` judge kind (mnpo/judges/__init__.py) loads it; `mnpo toy` (mnpo/toy/) labels the toy
+world's data with it.
 """
 
 from __future__ import annotations
@@ -24,28 +27,17 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-# 40 topics x 12 prompt templates = 480 distinct prompts.
+# The manifest of a toy world directory (`mnpo toy --output_dir DIR` writes DIR/world.json last): what
+# `oracle=DIR` checks for, and what tells a complete world from an interrupted build.
+WORLD_FILE = "world.json"
+
+# The toy world's topics: every prompt names one (its 480 prompts are these x mnpo.toy.text.PROMPT_TEMPLATES).
 TOPICS: tuple[str, ...] = (
     "cats", "dogs", "rain", "bread", "music", "trees", "rivers", "stars", "books", "coffee",
     "snow", "bikes", "boats", "birds", "apples", "clocks", "gardens", "trains", "oceans", "mountains",
     "candles", "bridges", "forests", "cookies", "kites", "lamps", "maps", "robots", "shoes", "tea",
     "clouds", "flowers", "horses", "islands", "letters", "markets", "paintings", "songs", "storms", "villages",
 )  # fmt: skip
-
-PROMPT_TEMPLATES: tuple[str, ...] = (
-    "Tell me about {topic}.",
-    "What do you know about {topic}?",
-    "Describe {topic}.",
-    "Say something about {topic}.",
-    "Why do people like {topic}?",
-    "Write a short note on {topic}.",
-    "Explain {topic} to me.",
-    "Give me a fact about {topic}.",
-    "What are {topic} like?",
-    "Talk about {topic}.",
-    "Share a thought on {topic}.",
-    "Can you describe {topic}?",
-)
 
 STYLES: tuple[str, ...] = ("calm", "cheerful", "formal")
 # Marker words that identify a style (matched as whole lower-case words).
