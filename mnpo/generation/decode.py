@@ -262,12 +262,95 @@ def postprocess(records: list[dict[str, Any]], drop_identical: bool, truncated_r
     return kept, stats
 
 
+def _sampling_plan(config: DecodeConfig, backend: Any) -> tuple[Any, dict[str, Any], int | None, int | None]:
+    """(sampling settings, their record for each row, the longest prompt that fits, the model's context)."""
+    from mnpo.config import prompt_budget
+    from mnpo.generation.backend import SamplingSettings
+
+    # Prompt + response stay inside the model's context: the default response budget is capped by it,
+    # and without --max_prompt_length a prompt that leaves no room is skipped (counted), not decoded.
+    context = backend_context(backend)
+    max_new_tokens = config.max_new_tokens
+    if max_new_tokens is None:
+        max_new_tokens = DEFAULT_MAX_NEW_TOKENS if context is None else min(DEFAULT_MAX_NEW_TOKENS, context // 2)
+    room = None
+    if context is not None:
+        room = prompt_budget(config.max_prompt_length, max_new_tokens, context, config.model_name_or_path)
+    sampling = SamplingSettings(config.num_responses, config.temperature, config.top_p, max_new_tokens)
+    record = {"backend": config.backend, "n": config.num_responses, "temperature": config.temperature}
+    record |= {"top_p": config.top_p, "max_new_tokens": max_new_tokens, "base_seed": config.seed}
+    if getattr(backend.tokenizer, "chat_template", "") is None:  # every prompt is rendered with it
+        raise MnpoError(
+            f"--model_name_or_path {config.model_name_or_path}: its tokenizer has no chat template; use a chat "
+            "(instruct) model, or add a template (tokenizer.chat_template) and save_pretrained it"
+        )
+    return sampling, record, room, context
+
+
+def _encode_shard(
+    config: DecodeConfig, tokenizer: Any, prompts: list, rows: list[int], room: int | None, shard: int
+) -> tuple[list[int], list[list[int]], list[int]]:
+    """(rows to decode, their prompt token ids, rows skipped because they leave no room for a reply)."""
+    from mnpo.data.chat import encode_prompt
+
+    idx, token_ids, n_cut, skipped = [], [], 0, []
+    for i in rows:
+        ids = encode_prompt(tokenizer, prompts[i][1])
+        if config.max_prompt_length is not None and len(ids) > config.max_prompt_length:
+            ids, n_cut = ids[-config.max_prompt_length :], n_cut + 1
+        if room is not None and len(ids) > room:
+            skipped.append(i)
+            continue
+        idx.append(i)
+        token_ids.append(ids)
+    if n_cut:
+        logger.warning(
+            "shard %d: %d prompt(s) longer than max_prompt_length were cut to their last %d tokens",
+            shard,
+            n_cut,
+            config.max_prompt_length,
+        )
+    return idx, token_ids, skipped
+
+
+def _decode_shard(config, backend, prompts, rows, plan, shard: int) -> dict[int, dict[str, Any]]:
+    """Row index -> the record of one shard's prompt: its K replies, or why it was skipped."""
+    sampling, sampling_record, room, context = plan
+    idx, token_ids, skipped = _encode_shard(config, backend.tokenizer, prompts, rows, room, shard)
+    if skipped:
+        logger.warning(
+            "shard %d: %d prompt(s) longer than %d tokens skipped: with max_new_tokens %d they do not fit "
+            "the model's context of %s tokens (set --max_prompt_length to cut them instead)",
+            shard,
+            len(skipped),
+            room,
+            sampling.max_new_tokens,
+            context,
+        )
+    seeds = [derive_seed(config.seed, i) for i in idx]
+    completions = backend.generate(token_ids, seeds, sampling) if idx else []
+    decoded = {
+        i: {
+            C.PROMPT_ID: prompts[i][0],
+            C.PROMPT: prompts[i][1],
+            C.ALL_RESPONSES: [c.text for c in comps],
+            "response_token_ids": [c.token_ids for c in comps],
+            "finish_reasons": [c.finish_reason for c in comps],
+            "sampling": {**sampling_record, "seed": seed},
+        }
+        for i, seed, comps in zip(idx, seeds, completions)
+    }
+    for i in skipped:
+        decoded[i] = {C.PROMPT_ID: prompts[i][0], C.PROMPT: prompts[i][1], C.ALL_RESPONSES: []}
+        decoded[i] |= {"response_token_ids": [], "finish_reasons": [], "skipped": SKIP_PAST_CONTEXT}
+    return decoded
+
+
 def decode(config: DecodeConfig) -> Path | None:
     """Decode this process's shards; merge when every shard is done. Returns the merged file or None."""
     from mnpo.config import save_config
-    from mnpo.data.chat import encode_prompt
-    from mnpo.generation.backend import SamplingSettings
     from mnpo.io import load_records, write_json, write_jsonl
+    from mnpo.progress import Progress
 
     out = Path(config.output_dir)
     check_model_path(config.model_name_or_path, "--model_name_or_path")
@@ -288,84 +371,10 @@ def decode(config: DecodeConfig) -> Path | None:
     todo = store.pending(shard_index, num_shards)
     if todo:
         backend = _make_backend(config)
-        # Prompt + response stay inside the model's context: the default response budget is capped by it,
-        # and without --max_prompt_length a prompt that leaves no room is skipped (counted), not decoded.
-        from mnpo.config import prompt_budget
-
-        context = backend_context(backend)
-        max_new_tokens = config.max_new_tokens
-        if max_new_tokens is None:
-            max_new_tokens = DEFAULT_MAX_NEW_TOKENS if context is None else min(DEFAULT_MAX_NEW_TOKENS, context // 2)
-        room = None
-        if context is not None:
-            room = prompt_budget(config.max_prompt_length, max_new_tokens, context, config.model_name_or_path)
-        sampling = SamplingSettings(config.num_responses, config.temperature, config.top_p, max_new_tokens)
-        sampling_record = {
-            "backend": config.backend,
-            "n": config.num_responses,
-            "temperature": config.temperature,
-            "top_p": config.top_p,
-            "max_new_tokens": max_new_tokens,
-            "base_seed": config.seed,
-        }
-        if getattr(backend.tokenizer, "chat_template", "") is None:  # every prompt is rendered with it
-            raise MnpoError(
-                f"--model_name_or_path {config.model_name_or_path}: its tokenizer has no chat template; use a chat "
-                "(instruct) model, or add a template (tokenizer.chat_template) and save_pretrained it"
-            )
-        from mnpo.progress import Progress
-
+        plan = _sampling_plan(config, backend)
         progress = Progress(sum(len(store.chunk_rows(c)) for c in todo), "decode", unit="prompt")
         for n_done, chunk in enumerate(todo, start=1):
-            idx, token_ids, n_cut, skipped = [], [], 0, []
-            for i in store.chunk_rows(chunk):
-                ids = encode_prompt(backend.tokenizer, prompts[i][1])
-                if config.max_prompt_length is not None and len(ids) > config.max_prompt_length:
-                    ids, n_cut = ids[-config.max_prompt_length :], n_cut + 1
-                if room is not None and len(ids) > room:
-                    skipped.append(i)
-                    continue
-                idx.append(i)
-                token_ids.append(ids)
-            if n_cut:
-                logger.warning(
-                    "shard %d: %d prompt(s) longer than max_prompt_length were cut to their last %d tokens",
-                    chunk,
-                    n_cut,
-                    config.max_prompt_length,
-                )
-            if skipped:
-                logger.warning(
-                    "shard %d: %d prompt(s) longer than %d tokens skipped: with max_new_tokens %d they do not fit "
-                    "the model's context of %s tokens (set --max_prompt_length to cut them instead)",
-                    chunk,
-                    len(skipped),
-                    room,
-                    max_new_tokens,
-                    context,
-                )
-            seeds = [derive_seed(config.seed, i) for i in idx]
-            completions = backend.generate(token_ids, seeds, sampling) if idx else []
-            decoded = {
-                i: {
-                    C.PROMPT_ID: prompts[i][0],
-                    C.PROMPT: prompts[i][1],
-                    C.ALL_RESPONSES: [c.text for c in comps],
-                    "response_token_ids": [c.token_ids for c in comps],
-                    "finish_reasons": [c.finish_reason for c in comps],
-                    "sampling": {**sampling_record, "seed": seed},
-                }
-                for i, seed, comps in zip(idx, seeds, completions)
-            }
-            for i in skipped:
-                decoded[i] = {
-                    C.PROMPT_ID: prompts[i][0],
-                    C.PROMPT: prompts[i][1],
-                    C.ALL_RESPONSES: [],
-                    "response_token_ids": [],
-                    "finish_reasons": [],
-                    "skipped": SKIP_PAST_CONTEXT,
-                }
+            decoded = _decode_shard(config, backend, prompts, store.chunk_rows(chunk), plan, chunk)
             store.write(chunk, (decoded[i] for i in store.chunk_rows(chunk)))
             progress.update(len(store.chunk_rows(chunk)))
             logger.debug("decode: shard %d written (%d/%d of this process)", chunk, n_done, len(todo))
