@@ -114,7 +114,6 @@ def ensure_world(config: CompareConfig) -> float:
     if (world / "world.json").is_file():
         return 0.0
     logger.info("building the toy world into %s (once, shared by every run)", world)
-    print(f"[compare] building the toy world into {world}", flush=True)
     world.parent.mkdir(parents=True, exist_ok=True)
     log = Path(config.output_dir) / "world.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -142,7 +141,7 @@ def run_all(config: CompareConfig, runs: list[Run], on_finished: Callable[[Run],
         else:
             pending.append(run)
     if status:
-        print(f"[compare] {len(status)} finished run(s) reused", flush=True)
+        logger.info("%d finished run(s) reused", len(status))
     running: list[tuple[Run, subprocess.Popen, float, object]] = []
     env = _env()
     # `kill` of this process stops its pipelines too (the finally below); each resumes on the next call.
@@ -160,7 +159,7 @@ def run_all(config: CompareConfig, runs: list[Run], on_finished: Callable[[Run],
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "mnpo.cli", *run.argv], stdout=log, stderr=subprocess.STDOUT, env=env
                 )
-                print(f"[compare] start {run.label} ({done + len(running) + 1}/{total})", flush=True)
+                logger.info("start %s (%d/%d)", run.label, done + len(running) + 1, total)
                 running.append((run, proc, time.monotonic(), log))
             time.sleep(POLL_S)
             still = []
@@ -179,10 +178,10 @@ def run_all(config: CompareConfig, runs: list[Run], on_finished: Callable[[Run],
                     status[run.label] = "ran"
                     if on_finished:
                         on_finished(run)
-                    print(f"[compare] done  {run.label} in {seconds:.0f} s", flush=True)
+                    logger.info("done  %s in %.0f s", run.label, seconds)
                 else:
                     status[run.label] = f"failed (exit {code}, see {run.folder / 'compare.log'})"
-                    print(f"[compare] FAILED {run.label} (exit {code}); log: {run.folder / 'compare.log'}", flush=True)
+                    logger.error("FAILED %s (exit %d); log: %s", run.label, code, run.folder / "compare.log")
             running = still
     finally:
         for _, proc, _, _log in running:  # interrupted: stop the pipelines (they resume on the next call)
@@ -209,7 +208,7 @@ def compare(config: CompareConfig) -> dict:
     runs = plan_runs(config)
     if config.report_only:
         status = {r.label: "reused" for r in runs if is_finished(r)}
-        print(f"[compare] report only: {len(status)} of {len(runs)} runs finished", flush=True)
+        logger.info("report only: %d of %d runs finished", len(status), len(runs))
         return _report(config, [r for r in runs if r.label in status], status, 0.0, start)
     world_s = ensure_world(config)
     # A finished run's length and KL are measured in a background thread while the other runs go on
@@ -238,5 +237,5 @@ def _report(config: CompareConfig, finished: list[Run], status: dict[str, str], 
     results["world_build_s"] = round(world_s, 1)
     results["wall_s"] = round(time.monotonic() - start, 1)
     write_report(config, results, out)
-    print(f"[compare] COMPARE.md: {out / 'COMPARE.md'} ({results['wall_s']:.0f} s)", flush=True)
+    logger.info("COMPARE.md: %s (%.0f s)", out / "COMPARE.md", results["wall_s"])
     return results

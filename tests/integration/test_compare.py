@@ -5,6 +5,7 @@ second call reuses every finished run (no pipeline starts, no file of a run chan
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -44,10 +45,12 @@ def _run_files(out: Path) -> dict[str, float]:
 
 
 @pytest.mark.slow
-def test_compare_two_methods_and_reuse(toy_world, tmp_path, capsys):
+def test_compare_two_methods_and_reuse(toy_world, tmp_path, caplog):
     config = _config(tmp_path, toy_world)
     out = tmp_path / "out"
+    caplog.set_level(logging.INFO, logger="mnpo.compare.run")
     assert main(["compare", "--config", str(config)]) == 0
+    assert "start TD-MNPO/seed0" in caplog.text
     results = json.loads((out / "compare.json").read_text())
     assert results["status"] == {"TD-MNPO/seed0": "ran", "TD-MNPO/seed1": "ran", "DPO/seed0": "ran", "DPO/seed1": "ran"}
     text = (out / "COMPARE.md").read_text()
@@ -74,9 +77,9 @@ def test_compare_two_methods_and_reuse(toy_world, tmp_path, capsys):
 
     # A second call starts no pipeline: every run is reused and no file of a run is touched.
     before = _run_files(out)
-    capsys.readouterr()
+    caplog.clear()
     assert main(["compare", "--config", str(config)]) == 0
-    assert "[compare] start" not in capsys.readouterr().out
+    assert "4 finished run(s) reused" in caplog.text and "start " not in caplog.text
     again = json.loads((out / "compare.json").read_text())
     assert set(again["status"].values()) == {"reused"}
     assert again["methods"] == results["methods"]
