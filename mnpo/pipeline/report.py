@@ -95,14 +95,114 @@ def _stats(folder: Path) -> dict[str, Any]:
     return {}
 
 
+def _curve_lines(evals: list[dict[str, Any]], out: Path) -> list[str]:
+    """The alignment-curve section: out/alignment_curve.png and one table row per evaluated model."""
+    from mnpo.evaluation.plot import alignment_curve_points, plot_alignment_curve
+
+    plot_alignment_curve(alignment_curve_points(evals), out / "alignment_curve.png")
+    lines = ["## Alignment curve", "", "![alignment curve](alignment_curve.png)", ""]
+    judges = list(evals[0]["models"][0]["win_rate"])
+    lines += [
+        "| iteration | model | " + " | ".join(f"win rate ({j}) [CI]" for j in judges) + " |",
+        "|---|---|" + "---|" * len(judges),
+    ]
+    for ev in evals:
+        for m in ev["models"]:
+            cells = [
+                f"{m['win_rate'][j]['win_rate']:.3f} [{m['win_rate'][j]['ci_low']:.3f}, "
+                f"{m['win_rate'][j]['ci_high']:.3f}]"
+                for j in judges
+            ]
+            lines.append(f"| {m['iteration']} | {m['name']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Baseline: `{evals[0]['baseline']}`; {evals[0]['num_prompts']} held-out prompts; "
+        f"{int(evals[0]['models'][0]['win_rate'][judges[0]]['confidence'] * 100)}% bootstrap CIs.",
+        "",
+    ]
+    return lines
+
+
+def _stage_stats(it_dir: Path, stage: str) -> dict[str, Any]:
+    """A stage's stats.json of one iteration, an HT-MNPO player's keys prefixed with `player{p}/`."""
+    stats = {}
+    for d in [it_dir / stage, *sorted(it_dir.glob(f"player*/{stage}"))]:
+        stats.update({f"{d.parent.name}/{a}" if d.parent != it_dir else a: b for a, b in _stats(d).items()})
+    return stats
+
+
+def _data_lines(run_dir: Path, it_dir: Path, k: int, reward_axes: Any) -> list[str]:
+    """Decode and annotate statistics and the training pairs of iteration k (their rewards into the histogram)."""
+    lines = []
+    decode_stats, annotate_stats = _stage_stats(it_dir, "decode"), _stage_stats(it_dir, "annotate")
+    pairs = _pairs_file(it_dir, run_dir / "splits", k)
+    if decode_stats:
+        lines.append("- decode: " + ", ".join(f"{a}={b}" for a, b in decode_stats.items()))
+    if annotate_stats:
+        lines.append("- annotate (pairs kept/dropped): " + ", ".join(f"{a}={b}" for a, b in annotate_stats.items()))
+    if pairs is not None:
+        rows = read_jsonl(pairs)
+        lines.append(f"- training pairs: {len(rows)} (`{pairs.relative_to(run_dir)}`)")
+        all_s, ch, rj = _scores(rows)
+        if all_s:
+            reward_axes.hist(all_s, bins=30, alpha=0.35, label=f"iter {k} all")
+            if ch:
+                lines.append(
+                    f"- reward: mean chosen {sum(ch) / len(ch):.3f}, mean rejected {sum(rj) / len(rj):.3f}, "
+                    f"mean of all {sum(all_s) / len(all_s):.3f}"
+                )
+    return lines
+
+
+def _training_and_sample_lines(run_dir: Path, it_dir: Path, k: int, loss_axes: Any) -> list[str]:
+    """Training-loss summary (its curve into the loss plot) and two samples of iteration k against the baseline."""
+    lines = []
+    # One policy per iteration, or one per player in HT-MNPO: iter{k}/player{p}/model, whose stage
+    # log is logs/iter{k}-player{p}-train.log (the stage name with '/' -> '-').
+    trained = [(it_dir, f"iter{k}", "")] + [
+        (d, f"iter{k}-{d.name}", f" {d.name}") for d in sorted(it_dir.glob("player*")) if d.is_dir()
+    ]
+    for folder, stage, who in trained:
+        curve = training_curve(run_dir / "logs" / f"{stage}-train.log", folder / "model" / "trainer_state.json")
+        if curve:
+            xs = [p.get("epoch", i) + (k - 1) for i, p in enumerate(curve)]
+            loss_axes.plot(xs, [p["loss"] for p in curve], marker=".", label=f"iter {k}{who}")
+            lines.append(
+                f"- training loss{who}: first {curve[0]['loss']:.4g}, last {curve[-1]['loss']:.4g} "
+                f"({len(curve)} logged steps)"
+            )
+    samples = it_dir / "eval" / "responses"
+    if (samples / f"iter{k}.jsonl").is_file() and (samples / "baseline.jsonl").is_file():
+        mine, base = read_jsonl(samples / f"iter{k}.jsonl")[:2], read_jsonl(samples / "baseline.jsonl")[:2]
+        lines.append("- samples (this iterate | baseline):")
+        for a, b in zip(mine, base):
+            prompt = a["prompt"] if isinstance(a["prompt"], str) else a["prompt"][-1]["content"]
+            lines.append(f"  - *{prompt}* → {a['response']!r} | {b['response']!r}")
+    return lines
+
+
+def _save_iterations_figure(fig: Any, axes: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    axes[0].set_title("reward distribution of the training data")
+    axes[0].set_xlabel("reward-model score")
+    axes[1].set_title("training loss")
+    axes[1].set_xlabel("iteration (epoch offset)")
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_write(path, "wb", encoding=None) as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+
+
 def write_report(run_dir: Path, config: Any, t: int, out: Path) -> Path:
     """Write out/report.md (+ PNGs) for iterations 1..t, and refresh run_dir/REPORT.md."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from mnpo.evaluation.plot import alignment_curve_points, plot_alignment_curve
 
     out.mkdir(parents=True, exist_ok=True)
     evals = []
@@ -120,92 +220,16 @@ def write_report(run_dir: Path, config: Any, t: int, out: Path) -> Path:
         "",
     ]
     if evals:
-        plot_alignment_curve(alignment_curve_points(evals), out / "alignment_curve.png")
-        lines += ["## Alignment curve", "", "![alignment curve](alignment_curve.png)", ""]
-        judges = list(evals[0]["models"][0]["win_rate"])
-        lines += [
-            "| iteration | model | " + " | ".join(f"win rate ({j}) [CI]" for j in judges) + " |",
-            "|---|---|" + "---|" * len(judges),
-        ]
-        for ev in evals:
-            for m in ev["models"]:
-                cells = [
-                    f"{m['win_rate'][j]['win_rate']:.3f} [{m['win_rate'][j]['ci_low']:.3f}, "
-                    f"{m['win_rate'][j]['ci_high']:.3f}]"
-                    for j in judges
-                ]
-                lines.append(f"| {m['iteration']} | {m['name']} | " + " | ".join(cells) + " |")
-        lines += [
-            "",
-            f"Baseline: `{evals[0]['baseline']}`; {evals[0]['num_prompts']} held-out prompts; "
-            f"{int(evals[0]['models'][0]['win_rate'][judges[0]]['confidence'] * 100)}% bootstrap CIs.",
-            "",
-        ]
-
-    lines += ["## Iterations", ""]
+        lines += _curve_lines(evals, out)
+    lines += ["## Iterations", "", "![iterations](iterations.png)", ""]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), dpi=110)
     for k in range(1, t + 1):
         it_dir = run_dir / f"iter{k}"
         lines += [f"### Iteration {k}", ""]
-        decode_stats = {}
-        for d in [it_dir / "decode", *sorted(it_dir.glob("player*/decode"))]:
-            decode_stats.update({f"{d.parent.name}/{a}" if d.parent != it_dir else a: b for a, b in _stats(d).items()})
-        annotate_stats = {}
-        for d in [it_dir / "annotate", *sorted(it_dir.glob("player*/annotate"))]:
-            annotate_stats.update(
-                {f"{d.parent.name}/{a}" if d.parent != it_dir else a: b for a, b in _stats(d).items()}
-            )
-        pairs = _pairs_file(it_dir, run_dir / "splits", k)
-        if decode_stats:
-            lines.append("- decode: " + ", ".join(f"{a}={b}" for a, b in decode_stats.items()))
-        if annotate_stats:
-            lines.append("- annotate (pairs kept/dropped): " + ", ".join(f"{a}={b}" for a, b in annotate_stats.items()))
-        if pairs is not None:
-            rows = read_jsonl(pairs)
-            lines.append(f"- training pairs: {len(rows)} (`{pairs.relative_to(run_dir)}`)")
-            all_s, ch, rj = _scores(rows)
-            if all_s:
-                axes[0].hist(all_s, bins=30, alpha=0.35, label=f"iter {k} all")
-                if ch:
-                    lines.append(
-                        f"- reward: mean chosen {sum(ch) / len(ch):.3f}, mean rejected {sum(rj) / len(rj):.3f}, "
-                        f"mean of all {sum(all_s) / len(all_s):.3f}"
-                    )
-        # One policy per iteration, or one per player in HT-MNPO: iter{k}/player{p}/model, whose stage
-        # log is logs/iter{k}-player{p}-train.log (the stage name with '/' -> '-').
-        trained = [(it_dir, f"iter{k}", "")] + [
-            (d, f"iter{k}-{d.name}", f" {d.name}") for d in sorted(it_dir.glob("player*")) if d.is_dir()
-        ]
-        for folder, stage, who in trained:
-            curve = training_curve(run_dir / "logs" / f"{stage}-train.log", folder / "model" / "trainer_state.json")
-            if curve:
-                xs = [p.get("epoch", i) + (k - 1) for i, p in enumerate(curve)]
-                axes[1].plot(xs, [p["loss"] for p in curve], marker=".", label=f"iter {k}{who}")
-                lines.append(
-                    f"- training loss{who}: first {curve[0]['loss']:.4g}, last {curve[-1]['loss']:.4g} "
-                    f"({len(curve)} logged steps)"
-                )
-        samples = it_dir / "eval" / "responses"
-        if (samples / f"iter{k}.jsonl").is_file() and (samples / "baseline.jsonl").is_file():
-            mine, base = read_jsonl(samples / f"iter{k}.jsonl")[:2], read_jsonl(samples / "baseline.jsonl")[:2]
-            lines.append("- samples (this iterate | baseline):")
-            for a, b in zip(mine, base):
-                prompt = a["prompt"] if isinstance(a["prompt"], str) else a["prompt"][-1]["content"]
-                lines.append(f"  - *{prompt}* → {a['response']!r} | {b['response']!r}")
+        lines += _data_lines(run_dir, it_dir, k, axes[0])
+        lines += _training_and_sample_lines(run_dir, it_dir, k, axes[1])
         lines.append("")
-    axes[0].set_title("reward distribution of the training data")
-    axes[0].set_xlabel("reward-model score")
-    axes[1].set_title("training loss")
-    axes[1].set_xlabel("iteration (epoch offset)")
-    for ax in axes:
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_write(out / "iterations.png", "wb", encoding=None) as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
-    at = lines.index("## Iterations") + 2
-    lines[at:at] = ["![iterations](iterations.png)", ""]
+    _save_iterations_figure(fig, axes, out / "iterations.png")
     text = "\n".join(lines) + "\n"
     with atomic_write(out / "report.md") as f:
         f.write(text)
