@@ -35,20 +35,62 @@ def pytest_collection_modifyitems(config, items):
 
 # --- the offline toy world --------------------------------------------------------------------------
 _REPO = Path(__file__).resolve().parent.parent
-# Everything whose change changes the built artifacts: a new hash means a fresh build.
-_TOY_SOURCES = [
-    *sorted((_REPO / "mnpo" / "toy").glob("*.py")),
-    *sorted((_REPO / "mnpo" / "supervised").glob("*.py")),
-    _REPO / "mnpo" / "data" / "chat.py",
-    _REPO / "mnpo" / "judges" / "toy_oracle.py",  # labels the world's data
-]
+# Everything whose change changes the built artifacts: the builder (mnpo/toy), the trainers it starts as
+# commands (mnpo/supervised) and every mnpo module they import, found by following their import statements
+# (those inside functions too: sampling, the judges' scorers, the oracle, the runtime). A new hash means a
+# fresh build, so a change anywhere the world depends on cannot leave a stale world in the cache.
+_TOY_SEEDS = ("mnpo/toy", "mnpo/supervised")
+
+
+def _module_path(module: str) -> Path | None:
+    base = _REPO / Path(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _runtime_nodes(node: ast.AST):
+    """Every node under `node` except the bodies of `if TYPE_CHECKING:` (imports for type checkers, never run)."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.If) and isinstance(child.test, ast.Name) and child.test.id == "TYPE_CHECKING":
+            yield from (n for orelse in child.orelse for n in (orelse, *_runtime_nodes(orelse)))
+            continue
+        yield child
+        yield from _runtime_nodes(child)
+
+
+def _toy_sources() -> list[Path]:
+    todo = [p for seed in _TOY_SEEDS for p in sorted((_REPO / seed).glob("*.py"))]
+    seen: set[Path] = set()
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for node in _runtime_nodes(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                # `from mnpo.x import y`: y may be a submodule or a name in mnpo.x; try both.
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            for name in names:
+                parts = name.split(".")
+                if parts[0] != "mnpo":
+                    continue
+                for i in range(1, len(parts) + 1):  # the packages' __init__ files run on import too
+                    found = _module_path(".".join(parts[:i]))
+                    if found is not None and found not in seen:
+                        todo.append(found)
+    return sorted(seen)
 
 
 def _toy_world_key() -> str:
     # The hash covers each module's syntax tree, not its bytes: reformatting or re-commenting the
     # builder does not force every test session to rebuild the world.
     h = hashlib.sha256()
-    for path in _TOY_SOURCES:
+    for path in _toy_sources():
         h.update(path.relative_to(_REPO).as_posix().encode())
         h.update(ast.dump(ast.parse(path.read_text(encoding="utf-8"))).encode())
     return h.hexdigest()[:16]
