@@ -39,9 +39,9 @@ def main() -> None:
     from transformers import GenerationConfig
 
     from mnpo.data.chat import encode_prompt
+    from mnpo.data.shards import derive_seed
     from mnpo.generation.backend import SamplingSettings
     from mnpo.generation.hf_backend import HFBackend
-    from mnpo.data.shards import derive_seed
     from mnpo.io import read_jsonl
 
     torch.set_num_threads(1)

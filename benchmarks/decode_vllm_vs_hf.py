@@ -29,8 +29,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def measure(args: argparse.Namespace) -> dict:
     """Runs in the backend's own environment: load, warm up, time generate; returns the figures."""
     from mnpo.data.chat import encode_prompt
-    from mnpo.generation.backend import SamplingSettings
     from mnpo.data.shards import derive_seed
+    from mnpo.generation.backend import SamplingSettings
     from mnpo.io import read_jsonl
 
     world = Path(args.world)

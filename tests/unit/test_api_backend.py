@@ -11,9 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from mnpo.data.shards import derive_seed
 from mnpo.errors import MnpoError
 from mnpo.generation.api_backend import check_served_models, generate_chat, openai_client
-from mnpo.data.shards import derive_seed
 
 
 class FlakyServer:
