@@ -60,3 +60,16 @@ def resolve_dtype(name: str | None, purpose: str = INFERENCE, device: Any = None
     if purpose != INFERENCE:
         raise ValueError(f"unknown dtype purpose {purpose!r}; one of {list(AUTO_DTYPE)}")
     return torch.bfloat16 if str(default_device(device)).startswith("cuda") else torch.float32
+
+
+def bf16_available(requested: bool) -> bool:
+    """`requested` when a bf16-capable GPU is here; else False with a warning. TrainingArguments refuses
+    --bf16 without one, and recipes written for GPUs should still run on a CPU (in float32)."""
+    import torch
+
+    if requested and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+        import warnings
+
+        warnings.warn("bf16 requested without a GPU that supports it: training in float32 instead", stacklevel=3)
+        return False
+    return requested

@@ -15,18 +15,12 @@ from transformers import TrainingArguments
 
 from mnpo.data.columns import LOSS_TYPES, count_history_columns
 from mnpo.models import LoraArguments
-from mnpo.runtime import DTYPE_CHOICES, TRAINING, dtype_help
+from mnpo.runtime import DTYPE_CHOICES, TRAINING, bf16_available, dtype_help
 
 if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger(__name__)
-
-
-def _has_bf16_device() -> bool:
-    import torch
-
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 @dataclass
@@ -192,10 +186,7 @@ class MNPOConfig(LoraArguments, TrainingArguments):
             )
         check_training_length(self)
         check_causal_lm(self.model_name_or_path, "model_name_or_path")
-        if self.bf16 and not _has_bf16_device():
-            # TrainingArguments refuses bf16 on CPU; recipes written for GPUs should still run here.
-            warnings.warn("bf16 requested without a GPU that supports it: training in float32 instead", stacklevel=2)
-            self.bf16 = False
+        self.bf16 = bf16_available(self.bf16)
         if self.remove_unused_columns:
             # The collator reads the stored ids and log-prob columns, which the model's forward does not take:
             # the Trainer would drop them. TRL's DPOTrainer overrides the flag the same way, with a warning.

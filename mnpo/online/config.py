@@ -10,7 +10,7 @@ from transformers import TrainingArguments
 
 from mnpo.judges import JUDGE_TYPES
 from mnpo.models import LoraArguments
-from mnpo.runtime import AS_SAVED, DTYPE_CHOICES, dtype_help
+from mnpo.runtime import AS_SAVED, DTYPE_CHOICES, bf16_available, dtype_help
 
 ALGORITHMS = ("eg", "oipo1", "oipo2", "nmd", "nmdpg")
 # The reference runs' tempered pair sampler (algorithms.md 2.2): T = 2, top-k 10.
@@ -164,6 +164,7 @@ class OnlineConfig(LoraArguments, TrainingArguments):
     def __post_init__(self):
         if self.remove_unused_columns:
             self.remove_unused_columns = False  # the batches are raw prompts, not model inputs
+        self.bf16 = bf16_available(self.bf16)  # as train-mnpo: a GPU recipe runs on a CPU, in float32
         super().__post_init__()
         if self.model_name_or_path is None:
             raise ValueError("model_name_or_path is required (the initial policy)")

@@ -121,3 +121,17 @@ def test_sequence_classifier_as_policy_reference_or_history_is_refused(tmp_path,
         parse_config(_cls(ref), argv + [option, str(rm)])
     (rm / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
     parse_config(_cls(ref), argv + [option, str(rm)])
+
+
+@pytest.mark.parametrize("command", [MNPO, ONLINE], ids=["train-mnpo", "train-egpo"])
+def test_bf16_without_a_bf16_gpu_trains_in_float32_with_a_warning(command):
+    # A GPU recipe (bf16: true) runs on a CPU in both trainers; train-egpo used to stop with
+    # TrainingArguments' "bf16 requires a GPU" error while train-mnpo fell back.
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        pytest.skip("a bf16 GPU is here: bf16 stays on")
+    ref, argv = command
+    with pytest.warns(UserWarning, match="bf16 requested without a GPU"):
+        cfg = parse_config(_cls(ref), [*argv, "--bf16", "true"])
+    assert cfg.bf16 is False
