@@ -208,7 +208,9 @@ def parse_config(config_cls: type[T], argv: list[str] | None = None, prog: str |
     except ConfigError:
         raise
     except ValueError as exc:  # __post_init__ cross-field checks
-        raise ConfigError(str(exc)) from exc
+        # Say where the settings came from: the value at fault may be in the YAML file, not on the command line.
+        where = f" (settings from {known.config} and the command line)" if known.config else ""
+        raise ConfigError(f"{exc}{where}") from exc
     cli_flags = {tok.split("=", 1)[0] for tok in cli_argv if tok.startswith("--")}
     for key, value in direct.items():
         if not set(actions[key].option_strings) & cli_flags:

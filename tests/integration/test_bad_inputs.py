@@ -490,6 +490,18 @@ CASES = [
         ("run.yaml", "unknown key 'num_iteration'"),
         write_lines("run.yaml", "num_iteration: 3"),
     ),
+    # --- compare -----------------------------------------------------------------------------------------
+    Case(
+        "compare-unknown-method",
+        f"compare --config configs/compare/toy.yaml --only NOPE --output_dir {T}/out",
+        ("--only", "NOPE", "no such method"),
+    ),
+    Case(
+        "compare-method-without-config",
+        f"compare --config {T}/cmp.yaml --output_dir {T}/out",
+        ("cmp.yaml", "needs keys name and config"),
+        write_lines("cmp.yaml", "methods:", "  - {name: DPO}"),
+    ),
 ]
 
 
