@@ -9,6 +9,7 @@ decode -> annotate -> precompute -> train-mnpo walkthrough feeds itself. Which c
 their config dataclass, as the CLI would, without running), and why, is `_parse_only_reason`:
 - paper-scale recipes: they need Hub models and GPUs (names such as google/gemma-2-9b-it, a launcher);
 - `mnpo toy`: builds a world (minutes); the toy_world fixture runs exactly that build;
+- `mnpo compare`: runs whole pipelines per method and seed; tests/integration/test_compare.py runs a small one;
 - `mnpo pipeline`: runs the whole loop (tests/integration/test_end_to_end.py runs it); here a dry run
   plans every stage of the header's config, which checks its stage arguments too.
 Lines holding `...` are shorthand for the full command above them and are skipped.
@@ -88,6 +89,8 @@ def _parse_only_reason(path: Path, line: str, argv: list[str]) -> str | None:
         return "runs the whole loop (test_end_to_end.py); dry-run planned here"
     if argv[0] == "toy":
         return "builds a toy world (the toy_world fixture runs that build)"
+    if argv[0] == "compare":
+        return "runs every method x seed (test_compare.py runs a small comparison)"
     if "toy" not in path.name and "toy" not in path.parent.name:
         return "paper-scale recipe: needs Hub models and GPUs"
     if line.startswith(("accelerate", "torchrun", "CUDA_VISIBLE_DEVICES")):

@@ -367,13 +367,14 @@ def test_train_egpo_passes_model_revision_to_the_policy_not_to_another_reference
 
     from mnpo.config import parse_config
     from mnpo.online.config import OnlineConfig
-    from mnpo.online.trainer import _load_kwargs
+    from mnpo.models import policy_load_kwargs
+    from mnpo.runtime import AS_SAVED
 
     argv = ["--model_name_or_path", str(tiny["policy"]), "--dataset_name", "d", "--judge_type", "oracle"]
     argv += ["--judge_name_or_path", "toy", "--output_dir", "o", *CPU, "--model_revision", "v1.0"]
     cfg = parse_config(OnlineConfig, argv)
-    assert _load_kwargs(cfg)["revision"] == "v1.0"
-    assert "revision" not in _load_kwargs(cfg, revision=False)
+    assert policy_load_kwargs(cfg, AS_SAVED)["revision"] == "v1.0"
+    assert "revision" not in policy_load_kwargs(cfg, AS_SAVED, revision=False)
     seen = []
     real = AutoModelForCausalLM.from_pretrained
 
@@ -384,5 +385,5 @@ def test_train_egpo_passes_model_revision_to_the_policy_not_to_another_reference
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", recording)
     from mnpo.models import load_causal_lm
 
-    load_causal_lm(cfg.model_name_or_path, **_load_kwargs(cfg))
+    load_causal_lm(cfg.model_name_or_path, **policy_load_kwargs(cfg, AS_SAVED))
     assert seen == ["v1.0"]
