@@ -252,46 +252,21 @@ def _shadowed_wheels() -> list[str]:
     return out
 
 
-def _toy_world_path() -> Path:
-    """Where tests/conftest.py's `toy_world` fixture keeps the world: the GPU tests then reuse it."""
+def _toy_world_cache():
+    """tests/toy_world_cache.py: where the test suite keeps its toy world (the GPU tests then reuse it)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("mnpo_tests_conftest", REPO / "tests" / "conftest.py")
-    conftest = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(conftest)
-    return REPO / ".cache" / f"toy-world-{conftest._toy_world_key()}"
-
-
-def _ensure_toy_world(target: Path, carried: Path | None = None) -> str:
-    """Put the world at `target` (copied from `carried` if that has it, else built), under the lock the
-    `toy_world` fixture takes, so that a test session building the same world at the same time is waited
-    for instead of duplicated. Returns how: cached, carried or built."""
-    import fcntl
-
-    from mnpo.judges.toy_oracle import WORLD_FILE
-
-    if (target / WORLD_FILE).is_file():
-        return "cached"
-    target.parent.mkdir(exist_ok=True)
-    with open(target.parent / f"{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (target / WORLD_FILE).is_file():
-            return "cached"
-        if carried is not None and (carried / WORLD_FILE).is_file():
-            shutil.copytree(carried, target)
-            return "carried"
-        from mnpo.toy.config import ToyConfig
-        from mnpo.toy.world import build_toy_world
-
-        build_toy_world(ToyConfig(output_dir=str(target)))
-        return "built"
+    spec = importlib.util.spec_from_file_location("toy_world_cache", REPO / "tests" / "toy_world_cache.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def part_toy_world(work: Path, dry: bool) -> dict:
-    target = _toy_world_path()
+    cache = _toy_world_cache()
     t0 = time.perf_counter()
     # The carried copy was built by scripts/gpu_wheels.sh from the same toy sources (same key).
-    how = _ensure_toy_world(target, REPO / ".whl" / target.name)
+    target, how = cache.ensure_toy_world(REPO / ".whl" / cache.toy_world_path().name)
     return {"path": str(target), "how": how, "seconds": time.perf_counter() - t0}
 
 
@@ -443,7 +418,7 @@ def _world(work: Path) -> Path:
     """The toy world the `toy_world` part put in place (also when a rerun names only later parts)."""
     from mnpo.judges.toy_oracle import WORLD_FILE
 
-    world = _toy_world_path()
+    world = _toy_world_cache().toy_world_path()
     if not (world / WORLD_FILE).is_file():
         raise RuntimeError(f"no toy world at {world}: the toy_world part did not run or failed")
     return world
@@ -791,8 +766,7 @@ def _tree_bytes() -> int:
 
 def carry_toy_world(into: Path) -> int:
     """Copy the tests' toy world (building it first if this checkout has none) to `into`/<its key>."""
-    world = _toy_world_path()
-    _ensure_toy_world(world)
+    world = _toy_world_cache().ensure_toy_world()[0]
     for old in into.glob("toy-world-*"):
         shutil.rmtree(old)
     shutil.copytree(world, into / world.name)

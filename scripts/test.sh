@@ -6,6 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
 source scripts/env.sh
+# The test suite's toy world (tests/toy_world_cache.py; built once, minutes on one core, then cached) is
+# built while the vLLM environment installs, so that no test worker waits for it.
+mkdir -p .cache
+python tests/toy_world_cache.py > .cache/toy-world-build.log 2>&1 &
+world_build=$!
 # The vLLM tests (tests/vllm) run with a separate environment's python; where it cannot be installed
 # (no network, MNPO_VLLM=0) they skip, naming the reason. The CPU backend reserves VLLM_CPU_KVCACHE_SPACE GiB
 # of memory for its KV cache: 1 is plenty for the toy policy (its default is a fraction of all memory).
@@ -19,4 +24,11 @@ if [ -z "${MNPO_VLLM_PYTHON:-}" ]; then
   fi
 fi
 export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"
-python -m pytest -q -rs --durations=15 "$@"
+if ! wait "$world_build"; then
+  # The tests that need the world build it again and fail with the reason; here only the log's tail.
+  echo "[test] the toy world build failed (.cache/toy-world-build.log):" >&2
+  tail -n 20 .cache/toy-world-build.log >&2
+fi
+# Two test workers (pytest-xdist), one per core of the 2-core CI machine; each file runs on one worker, the
+# longest files first (tests/conftest.py). MNPO_TEST_WORKERS=0 runs the tests in this process.
+python -m pytest -q -rs --durations=15 -n "${MNPO_TEST_WORKERS:-2}" --dist loadgroup --no-loadscope-reorder "$@"

@@ -366,8 +366,8 @@ def test_train_egpo_passes_model_revision_to_the_policy_not_to_another_reference
     from transformers import AutoModelForCausalLM
 
     from mnpo.config import parse_config
-    from mnpo.online.config import OnlineConfig
     from mnpo.models import policy_load_kwargs
+    from mnpo.online.config import OnlineConfig
     from mnpo.runtime import AS_SAVED
 
     argv = ["--model_name_or_path", str(tiny["policy"]), "--dataset_name", "d", "--judge_type", "oracle"]
