@@ -31,4 +31,4 @@ if ! wait "$world_build"; then
 fi
 # Two test workers (pytest-xdist), one per core of the 2-core CI machine; each file runs on one worker, the
 # longest files first (tests/conftest.py). MNPO_TEST_WORKERS=0 runs the tests in this process.
-python -m pytest -q -rs --durations=15 -n "${MNPO_TEST_WORKERS:-2}" --dist loadgroup --no-loadscope-reorder "$@"
+python -m pytest -q -rs --durations=15 -n "${MNPO_TEST_WORKERS:-2}" --no-loadscope-reorder "$@"

@@ -16,7 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 
-# --- two test workers (scripts/test.sh runs pytest-xdist with --dist loadgroup) -----------------------------
+# --- two test workers (scripts/test.sh runs pytest-xdist) ---------------------------------------------------
 # A file's tests share module fixtures (a pipeline run, a precomputed dataset) and some feed each other
 # outputs in file order (test_config_headers' walkthrough), so each file is one unit of work for one worker;
 # the end-to-end runs of run.sh (minutes each) are units of their own. Units are handed out in collection
@@ -38,14 +38,28 @@ _LONG_FIRST = (
 )
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks
+def work_unit(nodeid: str) -> str:
+    """The unit of work a test belongs to: its file, or the test itself for _ONE_UNIT_PER_TEST."""
+    path = nodeid.split("::", 1)[0]
+    return nodeid if path in _ONE_UNIT_PER_TEST else path
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: without xdist (MNPO_TEST_WORKERS=0) it is not called
+def pytest_xdist_make_scheduler(config, log):
+    # xdist's own `--dist loadgroup` marks do not take effect under pytest 9 (it rewrites a node id that
+    # pytest 9 no longer reads), so the units are made here, by xdist's scope scheduler.
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return FileScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
     rank = {path: k for k, path in enumerate(_LONG_FIRST)}
-    for item in items:
-        path = item.nodeid.split("::")[0]
-        if path not in _ONE_UNIT_PER_TEST:
-            item.add_marker(pytest.mark.xdist_group(path))
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: file order kept
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))  # stable: file order kept
     try:
         import torch
 

@@ -24,3 +24,12 @@ def test_files_named_for_scheduling_exist():
     # A renamed file would silently lose its place at the front of the queue.
     for path in (*conftest._LONG_FIRST, *conftest._ONE_UNIT_PER_TEST):
         assert (REPO / path).is_file(), path
+
+
+def test_a_file_is_one_unit_of_work_except_the_end_to_end_runs():
+    a = "tests/integration/test_pipeline.py::test_rerun_skips_every_stage"
+    b = "tests/integration/test_pipeline.py::test_plan_wires_history_for_every_mode"
+    assert conftest.work_unit(a) == conftest.work_unit(b) == "tests/integration/test_pipeline.py"
+    td = "tests/integration/test_end_to_end.py::test_run_sh_three_iterations_beat_the_reference[td-mnpo]"
+    egpo = "tests/integration/test_end_to_end.py::test_run_sh_three_iterations_beat_the_reference[egpo]"
+    assert conftest.work_unit(td) != conftest.work_unit(egpo)
