@@ -38,10 +38,13 @@ _LONG_FIRST = (
 )
 
 
+def _file_of(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0]
+
+
 def work_unit(nodeid: str) -> str:
     """The unit of work a test belongs to: its file, or the test itself for _ONE_UNIT_PER_TEST."""
-    path = nodeid.split("::", 1)[0]
-    return nodeid if path in _ONE_UNIT_PER_TEST else path
+    return nodeid if _file_of(nodeid) in _ONE_UNIT_PER_TEST else _file_of(nodeid)
 
 
 @pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: without xdist (MNPO_TEST_WORKERS=0) it is not called
@@ -59,7 +62,7 @@ def pytest_xdist_make_scheduler(config, log):
 
 def pytest_collection_modifyitems(config, items):
     rank = {path: k for k, path in enumerate(_LONG_FIRST)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))  # stable: file order kept
+    items.sort(key=lambda item: rank.get(_file_of(item.nodeid), len(rank)))  # stable: file order kept
     try:
         import torch
 
